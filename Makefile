@@ -1,0 +1,24 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROMPT ?= The expert said
+
+.PHONY: setup run test test-fast bench clean
+
+setup:
+	@bash tools/setup.sh
+
+# The main job on the built-in default model.
+run: setup
+	$(VENV)/bin/moed generate --prompt "$(PROMPT)" --max-tokens 32
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not llama"
+
+bench: setup
+	$(PY) bench/decode_cpu.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

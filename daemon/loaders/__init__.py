@@ -1,0 +1,25 @@
+"""Checkpoint readers (Hugging Face folders, GGUF files) and the model builder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from daemon.errors import MoedError
+from daemon.loaders.checkpoint import Checkpoint
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Open a Hugging Face model folder or a GGUF file."""
+    p = Path(path)
+    if not p.exists():
+        raise MoedError("no such file or directory", p)
+    if p.is_dir():
+        from daemon.loaders.hf import HFCheckpoint
+        return HFCheckpoint(p)
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        from daemon.loaders.gguf import GGUFCheckpoint
+        return GGUFCheckpoint(p)
+    raise MoedError("not a model: expected a Hugging Face model folder or a GGUF file", p)

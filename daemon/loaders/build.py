@@ -1,0 +1,98 @@
+"""Build a model from a checkpoint: meta-device construction, checked weights, expert provider."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from daemon.errors import FormatError, MoedError
+from daemon.loaders import open_checkpoint
+from daemon.loaders.checkpoint import Checkpoint
+from daemon.models import architecture
+from daemon.models.args import ModelArgs
+from daemon.models.moe import ExpertWeights, InMemoryExperts
+from daemon.models.transformer import CausalLM
+from daemon.tokenizer import Tokenizer
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    """A ready model with its tokenizer and the provider of its routed experts."""
+
+    model: CausalLM
+    tokenizer: Tokenizer
+    args: ModelArgs
+    experts: InMemoryExperts
+    source: str
+
+
+def hf_names(name: str, renames: tuple[tuple[str, str], ...]) -> list[str]:
+    """Candidate checkpoint names for a moed parameter name (undoing the arch's renames)."""
+    out = [name]
+    for theirs, ours in renames:
+        if ours in name:
+            out.append(name.replace(ours, theirs))
+    return out
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a Hugging Face folder or GGUF file into a runnable model."""
+    ckpt = open_checkpoint(path)
+    model_type = ckpt.config.get("model_type")
+    if not isinstance(model_type, str):
+        raise MoedError("config has no model_type", ckpt.path)
+    arch = architecture(model_type, str(ckpt.path))
+    args = arch.Args.from_config(ckpt.config, str(ckpt.path))
+    if args.num_experts_per_tok > args.num_experts:
+        raise MoedError(f"num_experts_per_tok={args.num_experts_per_tok} exceeds num_experts={args.num_experts}",
+                        ckpt.path)
+    try:
+        with torch.device("meta"):
+            model = arch.Model(args)
+    except ValueError as e:
+        raise MoedError(f"unsupported configuration: {e}", ckpt.path) from None
+    renames = getattr(arch, "RENAMES", ())
+    state = {}
+    for name, p in model.state_dict().items():
+        if name == "lm_head.weight" and args.tie_word_embeddings:
+            continue
+        state[name] = _checked(ckpt, name, tuple(p.shape), renames, dtype)
+    if args.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    layers = {}
+    e, d = args.num_experts, args.hidden_size
+    inter = args.moe_intermediate_size
+    for i in model.moe_layers:
+        prefix = hf_names(f"model.layers.{i}.mlp.experts", renames)[-1]
+        w = ckpt.experts(i, prefix, arch.EXPERT_NAMES, e)
+        if w is None:
+            raise FormatError(f"routed experts of layer {i} are missing ({prefix}.*)", ckpt.path)
+        for part, want in (("gate", (e, inter, d)), ("up", (e, inter, d)), ("down", (e, d, inter))):
+            got = tuple(getattr(w, part).shape)
+            if got != want:
+                raise FormatError(f"layer {i} expert {part} weights have shape {got} but the config implies {want}",
+                                  ckpt.path)
+        layers[i] = ExpertWeights(w.gate.to(dtype), w.up.to(dtype), w.down.to(dtype))
+    provider = InMemoryExperts(layers, args.hidden_act)
+    model.attach_experts(provider)
+    model.eval()
+    tokenizer = ckpt.tokenizer()
+    if tokenizer.vocab_size > args.vocab_size:
+        raise FormatError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {args.vocab_size}", ckpt.path)
+    if not tokenizer.eos_ids and args.eos_ids:
+        tokenizer.eos_ids = args.eos_ids
+    return LoadedModel(model, tokenizer, args, provider, str(ckpt.path))
+
+
+def _checked(ckpt: Checkpoint, name: str, shape: tuple[int, ...], renames, dtype: torch.dtype) -> torch.Tensor:
+    for cand in hf_names(name, renames):
+        t = ckpt.tensor(cand)
+        if t is not None:
+            if tuple(t.shape) != shape:
+                raise FormatError(f"tensor {cand} has shape {tuple(t.shape)} but the config implies {shape}",
+                                  ckpt.where(cand))
+            return t.to(dtype)
+    raise FormatError(f"tensor {name} is missing", ckpt.path)

@@ -1,0 +1,83 @@
+"""Grouped-query attention with rotary embeddings and a KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from daemon.models.cache import KVCache
+from daemon.models.norms import RMSNorm
+from daemon.models.rope import apply_rope
+
+
+@dataclass(slots=True)
+class AttnInputs:
+    """What every attention layer needs for one forward: rope tables, mask, cache."""
+
+    cos: torch.Tensor  # [T, d_rope]
+    sin: torch.Tensor  # [T, d_rope]
+    mask: torch.Tensor | None  # [T, L] bool, True = attend; None = attend to all
+    cache: KVCache
+
+
+def causal_mask(t: int, start: int, device: torch.device, window: int | None = None) -> torch.Tensor | None:
+    """Boolean mask [T, start+T] for queries at start..start+T-1; None when not needed."""
+    if t == 1 and window is None:
+        return None
+    q = torch.arange(start, start + t, device=device)[:, None]
+    k = torch.arange(start + t, device=device)[None, :]
+    mask = k <= q
+    if window is not None:
+        mask &= (q - k) < window
+    return mask
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v over [B, H, T, d] with k/v heads grouped; returns [B, T, H*dv]."""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                         enable_gqa=q.shape[1] != k.shape[1])
+    b, h, t, d = out.shape
+    return out.transpose(1, 2).reshape(b, t, h * d)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped KV heads (Qwen, Mixtral, OLMoE)."""
+
+    def __init__(self, layer: int, hidden: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                 *, qkv_bias: bool = False, o_bias: bool = False, qk_norm: str | None = None,
+                 eps: float = 1e-6, clip_qkv: float | None = None) -> None:
+        super().__init__()
+        self.layer, self.n_heads, self.n_kv, self.head_dim = layer, n_heads, n_kv_heads, head_dim
+        self.q_proj = nn.Linear(hidden, n_heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=o_bias)
+        self.qk_norm = qk_norm  # None, "head" (per head, Qwen3) or "full" (whole projection, OLMoE)
+        if qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(head_dim, eps), RMSNorm(head_dim, eps)
+        elif qk_norm == "full":
+            self.q_norm = RMSNorm(n_heads * head_dim, eps)
+            self.k_norm = RMSNorm(n_kv_heads * head_dim, eps)
+        self.clip_qkv = clip_qkv
+        self.scale = head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, a: AttnInputs) -> torch.Tensor:
+        b, t, _ = x.shape  # x [B, T, D]
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (z.clamp(-self.clip_qkv, self.clip_qkv) for z in (q, k, v))
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q.transpose(1, 2), a.cos, a.sin)  # [B, H, T, d]
+        k = apply_rope(k.transpose(1, 2), a.cos, a.sin)  # [B, Hkv, T, d]
+        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        k, v = a.cache.update(self.layer, k, v)
+        return self.o_proj(attend(q, k, v, a.mask, self.scale))

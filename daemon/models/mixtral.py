@@ -1,0 +1,39 @@
+"""Mixtral (Mixtral-8x7B, 8x22B): Llama attention, 8 experts top-2, optional sliding window."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from daemon.models.args import ModelArgs
+from daemon.models.attention import Attention
+from daemon.models.moe import MoEBlock, Router
+from daemon.models.rope import Rope
+from daemon.models.transformer import CausalLM, DecoderLayer
+
+EXPERT_NAMES = ("w1", "w3", "w2")  # gate, up, down
+RENAMES = ((".block_sparse_moe.", ".mlp."),)
+
+
+@dataclass(frozen=True, slots=True)
+class Args(ModelArgs):
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 1e6
+    sliding_window: int | None = None
+
+    # Mixtral's experts are its MLPs: their width is `intermediate_size`
+    ALIASES: ClassVar[dict[str, tuple[str, ...]]] = {
+        **ModelArgs.ALIASES, "moe_intermediate_size": ("intermediate_size",)}
+
+
+class Model(CausalLM):
+    def __init__(self, args: Args) -> None:
+        a = args
+        layers = []
+        for i in range(a.num_hidden_layers):
+            attn = Attention(i, a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim,
+                             eps=a.rms_norm_eps)
+            mlp = MoEBlock(i, Router(a.hidden_size, a.num_experts, a.num_experts_per_tok, norm_topk=True))
+            layers.append(DecoderLayer(attn, mlp, a.hidden_size, a.rms_norm_eps))
+        super().__init__(a, layers, Rope(a.head_dim, a.rope_theta, a.rope_scaling, a.max_position_embeddings))
+        self.sliding_window = a.sliding_window

@@ -1,0 +1,85 @@
+"""The decoder stack shared by every architecture; architectures supply its parts."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from daemon.models.args import ModelArgs
+from daemon.models.attention import AttnInputs, causal_mask
+from daemon.models.cache import KVCache
+from daemon.models.moe import ExpertProvider, MoEBlock
+from daemon.models.norms import RMSNorm
+from daemon.models.rope import Rope
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then h + mlp(norm(h))."""
+
+    def __init__(self, self_attn: nn.Module, mlp: nn.Module, hidden: int, eps: float) -> None:
+        super().__init__()
+        self.self_attn = self_attn
+        self.mlp = mlp
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.post_attention_layernorm = RMSNorm(hidden, eps)
+
+    def forward(self, x: torch.Tensor, a: AttnInputs) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), a)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Body(nn.Module):
+    """Embeddings, decoder layers and the final norm (`model.*` in checkpoints)."""
+
+    def __init__(self, args: ModelArgs, layers: list[DecoderLayer]) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """A decoder-only MoE language model; architectures subclass it to build layers."""
+
+    def __init__(self, args: ModelArgs, layers: list[DecoderLayer], rope: Rope) -> None:
+        super().__init__()
+        self.args = args
+        self.model = Body(args, layers)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.rope = rope
+        self.sliding_window: int | None = None
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """Indices of the layers whose MLP is an MoE block."""
+        return [i for i, l in enumerate(self.model.layers) if isinstance(l.mlp, MoEBlock)]
+
+    def attach_experts(self, provider: ExpertProvider) -> None:
+        """Give every MoE block the provider of its routed experts."""
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, MoEBlock):
+                layer.mlp.provider = provider
+
+    def new_cache(self, capacity: int = 256) -> KVCache:
+        """An empty KV cache for this model."""
+        return KVCache(len(self.model.layers), capacity)
+
+    def hidden(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Final-norm hidden states [B, T, D] for tokens [B, T] after the cached ones."""
+        t = tokens.shape[1]
+        start = cache.length
+        pos = torch.arange(start, start + t, device=tokens.device)
+        cos, sin = self.rope.tables(pos)
+        a = AttnInputs(cos, sin, causal_mask(t, start, tokens.device, self.sliding_window), cache)
+        x = self.model.embed_tokens(tokens)
+        for layer in self.model.layers:
+            x = layer(x, a)
+        cache.advance(t)
+        return self.model.norm(x)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, V] (or [B, 1, V] with last_only) for tokens [B, T]."""
+        h = self.hidden(tokens, cache)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(h)

@@ -1,0 +1,1 @@
+"""Expert placement across tiers (VRAM, RAM, flash): store, cache, scheduler."""

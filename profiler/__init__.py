@@ -1,0 +1,1 @@
+"""Hardware probes, cost model, routing traces and simulator."""

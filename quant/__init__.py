@@ -1,0 +1,1 @@
+"""Matryoshka (bit-nested) quantisation of expert weights and its kernels."""

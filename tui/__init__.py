@@ -1,0 +1,1 @@
+"""`moed top`, the Textual monitor."""
