@@ -51,8 +51,8 @@ class Sampler:
         else:
             self.gen.seed()
 
-    def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
-        """Next token id from logits [V] given all ids so far (prompt and output)."""
+    def process(self, logits: torch.Tensor, history: list[int]) -> torch.Tensor:
+        """Penalised, temperature-scaled and filtered logits [V] (-inf where excluded)."""
         p = self.p
         logits = logits.float()
         if p.repetition_penalty != 1.0 and history:
@@ -61,7 +61,7 @@ class Sampler:
             logits = logits.clone()
             logits[ids] = torch.where(picked < 0, picked * p.repetition_penalty, picked / p.repetition_penalty)
         if p.temperature == 0:
-            return int(logits.argmax())
+            return logits
         logits = logits / p.temperature
         if p.top_k and p.top_k < logits.numel():
             kth = torch.topk(logits, p.top_k).values[-1]
@@ -75,5 +75,12 @@ class Sampler:
         if p.min_p > 0:
             probs = logits.softmax(-1)
             logits = logits.masked_fill(probs < p.min_p * probs.max(), float("-inf"))
+        return logits
+
+    def __call__(self, logits: torch.Tensor, history: list[int]) -> int:
+        """Next token id from logits [V] given all ids so far (prompt and output)."""
+        logits = self.process(logits, history)
+        if self.p.temperature == 0:
+            return int(logits.argmax())
         probs = logits.softmax(-1)
         return int(torch.multinomial(probs.cpu(), 1, generator=self.gen))

@@ -112,6 +112,14 @@ def group_by_expert(routing: Routing) -> list[tuple[int, torch.Tensor, torch.Ten
     return out
 
 
+def scatter_add(out: torch.Tensor, rows: torch.Tensor, y: torch.Tensor) -> None:
+    """out[rows] += y for distinct rows (index_add_ is pathologically slow on small CPU tensors)."""
+    if out.shape[0] == 1:
+        out.add_(y)
+    else:
+        out[rows] += y
+
+
 class StackedExperts:
     """Experts held as full-precision stacked tensors in memory (the reference path)."""
 
@@ -124,7 +132,7 @@ class StackedExperts:
         for e, tok, wt in group_by_expert(routing):
             xs = x[tok]  # [n, D]
             h = self.act(F.linear(xs, self.w.gate[e])) * F.linear(xs, self.w.up[e])
-            out.index_add_(0, tok, F.linear(h, self.w.down[e]) * wt[:, None])
+            scatter_add(out, tok, F.linear(h, self.w.down[e]) * wt[:, None])
         return out
 
 
