@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from importlib import resources
 from pathlib import Path
 
@@ -133,7 +134,7 @@ def tiny_config(arch: str, vocab_size: int, eos_id: int) -> dict:
     return cfg
 
 
-def random_weights(arch: str, cfg: dict, seed: int) -> dict[str, torch.Tensor]:
+def iter_random_weights(arch: str, cfg: dict, seed: int) -> Iterator[tuple[str, torch.Tensor]]:
     """Random tensors under the checkpoint names the real model uses (experts one by one)."""
     mod = architecture(arch)
     args = mod.Args.from_config(cfg)
@@ -141,7 +142,6 @@ def random_weights(arch: str, cfg: dict, seed: int) -> dict[str, torch.Tensor]:
         model = mod.Model(args)
     g = torch.Generator().manual_seed(seed)
     renames = getattr(mod, "RENAMES", ())
-    out: dict[str, torch.Tensor] = {}
 
     def rand(shape: tuple[int, ...], name: str) -> torch.Tensor:
         if name.endswith("norm.weight"):  # norms near 1
@@ -156,7 +156,7 @@ def random_weights(arch: str, cfg: dict, seed: int) -> dict[str, torch.Tensor]:
         if name == "lm_head.weight" and args.tie_word_embeddings:
             continue
         hf = hf_names(name, renames)[-1]
-        out[hf] = rand(tuple(p.shape), hf)
+        yield hf, rand(tuple(p.shape), hf)
     gate, up, down = mod.EXPERT_NAMES
     d, i = args.hidden_size, args.moe_intermediate_size
     for layer in model.moe_layers:
@@ -164,12 +164,42 @@ def random_weights(arch: str, cfg: dict, seed: int) -> dict[str, torch.Tensor]:
         for e in range(args.num_experts):
             for n, shape in ((gate, (i, d)), (up, (i, d)), (down, (d, i))):
                 key = f"{prefix}.{e}.{n}.weight"
-                out[key] = rand(shape, key)
-    return out
+                yield key, rand(shape, key)
 
 
-def make_tiny_model(arch: str, out: str | os.PathLike, seed: int = 0) -> Path:
-    """Write a tiny random model folder (config, safetensors, tokenizer); returns its path."""
+def save_sharded(tensors: Iterable[tuple[str, torch.Tensor]], folder: Path,
+                 shard_bytes: int = 1 << 30) -> list[Path]:
+    """Write tensors to model-NNNNN.safetensors files of about shard_bytes each, streaming."""
+    files: list[Path] = []
+    shard: dict[str, torch.Tensor] = {}
+    size = 0
+
+    def flush() -> None:
+        nonlocal shard, size
+        if shard:
+            f = folder / f"model-{len(files) + 1:05d}.safetensors"
+            save_file(shard, str(f), metadata={"format": "pt"})
+            files.append(f)
+            shard, size = {}, 0
+
+    for name, t in tensors:
+        shard[name] = t.contiguous()
+        size += t.numel() * t.element_size()
+        if size >= shard_bytes:
+            flush()
+    flush()
+    if len(files) == 1:  # one shard: the name transformers gives it
+        files[0] = files[0].rename(folder / "model.safetensors")
+    return files
+
+
+def make_tiny_model(arch: str, out: str | os.PathLike, seed: int = 0, config: dict | None = None,
+                    dtype: torch.dtype = torch.float32) -> Path:
+    """Write a random model folder (config, safetensors, tokenizer); tiny unless `config` says otherwise.
+
+    `config` entries override the tiny config (e.g. a real model's sizes for benchmarks);
+    a vocab_size larger than the tokenizer's leaves the extra ids unused, as real models do.
+    """
     if arch not in SUPPORTED:
         raise MoedError(f"unknown architecture {arch!r} (supported: {', '.join(SUPPORTED)})")
     out = Path(out)
@@ -177,15 +207,15 @@ def make_tiny_model(arch: str, out: str | os.PathLike, seed: int = 0) -> Path:
     vocab = tok.get_vocab_size()
     eos, im_end = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")
     cfg = tiny_config(arch, vocab, eos)
-    weights = random_weights(arch, cfg, seed)
+    cfg.update(config or {})
+    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(
             {"eos_token_id": [im_end, eos], "bos_token_id": None, "do_sample": False}, indent=2))
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_sharded(((k, v.to(dtype)) for k, v in iter_random_weights(arch, cfg, seed)), tmp)
         tok.save(str(tmp / "tokenizer.json"))
         (tmp / "tokenizer_config.json").write_text(json.dumps({
             "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": CHAT_TEMPLATE,

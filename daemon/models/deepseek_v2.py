@@ -77,7 +77,8 @@ class LatentAttention(nn.Module):
     def __init__(self, layer: int, a: Args) -> None:
         super().__init__()
         self.layer, self.n_heads = layer, a.num_attention_heads
-        self.nope, self.rope, self.dv, self.rank = a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim, a.kv_lora_rank
+        self.nope, self.rope = a.qk_nope_head_dim, a.qk_rope_head_dim
+        self.dv, self.rank = a.v_head_dim, a.kv_lora_rank
         dq = self.nope + self.rope
         if a.q_lora_rank is None:
             self.q_proj = nn.Linear(a.hidden_size, self.n_heads * dq, bias=False)

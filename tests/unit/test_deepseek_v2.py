@@ -129,7 +129,8 @@ def test_q_lora_rank_null_and_absent() -> None:
     cfg = REAL_CONFIGS["deepseek_v2"]
     assert Args.from_config(cfg).q_lora_rank is None  # V2-Lite writes null: full-rank q_proj
     absent = {k: v for k, v in cfg.items() if k != "q_lora_rank"}
-    assert Args.from_config(absent).q_lora_rank == transformers.DeepseekV2Config.from_dict(absent).q_lora_rank == 1536
+    want = transformers.DeepseekV2Config.from_dict(absent).q_lora_rank
+    assert Args.from_config(absent).q_lora_rank == want == 1536
 
 
 def test_moe_layers_follow_first_k_dense_replace_and_freq() -> None:
