@@ -41,6 +41,12 @@ class ModelArgs:
         "num_experts": ("n_routed_experts", "num_local_experts"),
     }
 
+    # for architectures whose experts are their MLPs (Mixtral, OLMoE): width is `intermediate_size`
+    EXPERTS_ARE_MLPS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "num_experts": ("n_routed_experts", "num_local_experts"),
+        "moe_intermediate_size": ("intermediate_size",),
+    }
+
     @classmethod
     def from_config(cls, cfg: dict[str, Any], source: str | None = None) -> "ModelArgs":
         """Build the args from a config dict, filling derived fields."""

@@ -65,6 +65,12 @@ class Attention(nn.Module):
         self.clip_qkv = clip_qkv
         self.scale = head_dim ** -0.5
 
+    @classmethod
+    def from_args(cls, layer: int, a, **options) -> "Attention":
+        """Attention sized by model args; options as in __init__."""
+        return cls(layer, a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim,
+                   eps=a.rms_norm_eps, **options)
+
     def forward(self, x: torch.Tensor, a: AttnInputs) -> torch.Tensor:
         b, t, _ = x.shape  # x [B, T, D]
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)

@@ -8,8 +8,7 @@ from typing import ClassVar
 from daemon.models.args import ModelArgs
 from daemon.models.attention import Attention
 from daemon.models.moe import MoEBlock, Router
-from daemon.models.rope import Rope
-from daemon.models.transformer import CausalLM, DecoderLayer
+from daemon.models.transformer import CausalLM, decoder_layers
 
 EXPERT_NAMES = ("w1", "w3", "w2")  # gate, up, down
 RENAMES = ((".block_sparse_moe.", ".mlp."),)
@@ -20,20 +19,13 @@ class Args(ModelArgs):
     rms_norm_eps: float = 1e-5
     rope_theta: float = 1e6
     sliding_window: int | None = None
-
-    # Mixtral's experts are its MLPs: their width is `intermediate_size`
-    ALIASES: ClassVar[dict[str, tuple[str, ...]]] = {
-        **ModelArgs.ALIASES, "moe_intermediate_size": ("intermediate_size",)}
+    ALIASES: ClassVar[dict[str, tuple[str, ...]]] = ModelArgs.EXPERTS_ARE_MLPS
 
 
 class Model(CausalLM):
-    def __init__(self, args: Args) -> None:
-        a = args
-        layers = []
-        for i in range(a.num_hidden_layers):
-            attn = Attention(i, a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim,
-                             eps=a.rms_norm_eps)
-            mlp = MoEBlock(i, Router(a.hidden_size, a.num_experts, a.num_experts_per_tok, norm_topk=True))
-            layers.append(DecoderLayer(attn, mlp, a.hidden_size, a.rms_norm_eps))
-        super().__init__(a, layers, Rope(a.head_dim, a.rope_theta, a.rope_scaling, a.max_position_embeddings))
+    def __init__(self, a: Args) -> None:
+        def mlp(i: int) -> MoEBlock:
+            return MoEBlock(i, Router(a.hidden_size, a.num_experts, a.num_experts_per_tok, norm_topk=True))
+
+        super().__init__(a, decoder_layers(a, lambda i: Attention.from_args(i, a), mlp))
         self.sliding_window = a.sliding_window

@@ -8,8 +8,7 @@ from typing import ClassVar
 from daemon.models.args import ModelArgs
 from daemon.models.attention import Attention
 from daemon.models.moe import MoEBlock, Router
-from daemon.models.rope import Rope
-from daemon.models.transformer import CausalLM, DecoderLayer
+from daemon.models.transformer import CausalLM, decoder_layers
 
 EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
 RENAMES: tuple[tuple[str, str], ...] = ()
@@ -19,20 +18,16 @@ RENAMES: tuple[tuple[str, str], ...] = ()
 class Args(ModelArgs):
     rms_norm_eps: float = 1e-5
     clip_qkv: float | None = None
-
-    # OLMoE's experts are its MLPs: their width is `intermediate_size`
-    ALIASES: ClassVar[dict[str, tuple[str, ...]]] = {
-        **ModelArgs.ALIASES, "moe_intermediate_size": ("intermediate_size",)}
+    ALIASES: ClassVar[dict[str, tuple[str, ...]]] = ModelArgs.EXPERTS_ARE_MLPS
 
 
 class Model(CausalLM):
-    def __init__(self, args: Args) -> None:
-        a = args
-        layers = []
-        for i in range(a.num_hidden_layers):
-            attn = Attention(i, a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim,
-                             qkv_bias=a.attention_bias, o_bias=a.attention_bias, qk_norm="full",
-                             eps=a.rms_norm_eps, clip_qkv=a.clip_qkv)
-            mlp = MoEBlock(i, Router(a.hidden_size, a.num_experts, a.num_experts_per_tok, a.norm_topk_prob))
-            layers.append(DecoderLayer(attn, mlp, a.hidden_size, a.rms_norm_eps))
-        super().__init__(a, layers, Rope(a.head_dim, a.rope_theta, a.rope_scaling, a.max_position_embeddings))
+    def __init__(self, a: Args) -> None:
+        def attn(i: int) -> Attention:
+            return Attention.from_args(i, a, qkv_bias=a.attention_bias, o_bias=a.attention_bias, qk_norm="full",
+                                       clip_qkv=a.clip_qkv)
+
+        def mlp(i: int) -> MoEBlock:
+            return MoEBlock(i, Router(a.hidden_size, a.num_experts, a.num_experts_per_tok, a.norm_topk_prob))
+
+        super().__init__(a, decoder_layers(a, attn, mlp))

@@ -9,8 +9,7 @@ from torch import nn
 from daemon.models.args import ModelArgs
 from daemon.models.attention import Attention
 from daemon.models.moe import MLP, MoEBlock, Router, is_sparse_layer
-from daemon.models.rope import Rope
-from daemon.models.transformer import CausalLM, DecoderLayer
+from daemon.models.transformer import CausalLM, decoder_layers
 
 EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
 RENAMES = ((".mlp.shared_expert.", ".mlp.shared."), (".mlp.shared_expert_gate.", ".mlp.shared_gate."))
@@ -25,20 +24,15 @@ class Args(ModelArgs):
 
 
 class Model(CausalLM):
-    def __init__(self, args: Args) -> None:
-        a = args
-        layers = []
-        for i in range(a.num_hidden_layers):
-            attn = Attention(i, a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim,
-                             qkv_bias=a.qkv_bias, eps=a.rms_norm_eps)
-            if is_sparse_layer(i, a.decoder_sparse_step, a.mlp_only_layers):
-                shared = gate = None
-                if a.shared_expert_intermediate_size:
-                    shared = MLP(a.hidden_size, a.shared_expert_intermediate_size, a.hidden_act)
-                    gate = nn.Linear(a.hidden_size, 1, bias=False)
-                router = Router(a.hidden_size, a.num_experts, a.num_experts_per_tok, a.norm_topk_prob)
-                mlp = MoEBlock(i, router, shared, gate)
-            else:
-                mlp = MLP(a.hidden_size, a.intermediate_size, a.hidden_act)
-            layers.append(DecoderLayer(attn, mlp, a.hidden_size, a.rms_norm_eps))
-        super().__init__(a, layers, Rope(a.head_dim, a.rope_theta, a.rope_scaling, a.max_position_embeddings))
+    def __init__(self, a: Args) -> None:
+        def mlp(i: int):
+            if not is_sparse_layer(i, a.decoder_sparse_step, a.mlp_only_layers):
+                return MLP(a.hidden_size, a.intermediate_size, a.hidden_act)
+            shared = gate = None
+            if a.shared_expert_intermediate_size:
+                shared = MLP(a.hidden_size, a.shared_expert_intermediate_size, a.hidden_act)
+                gate = nn.Linear(a.hidden_size, 1, bias=False)
+            router = Router(a.hidden_size, a.num_experts, a.num_experts_per_tok, a.norm_topk_prob)
+            return MoEBlock(i, router, shared, gate)
+
+        super().__init__(a, decoder_layers(a, lambda i: Attention.from_args(i, a, qkv_bias=a.qkv_bias), mlp))

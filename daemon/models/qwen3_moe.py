@@ -7,8 +7,7 @@ from dataclasses import dataclass
 from daemon.models.args import ModelArgs
 from daemon.models.attention import Attention
 from daemon.models.moe import MLP, MoEBlock, Router, is_sparse_layer
-from daemon.models.rope import Rope
-from daemon.models.transformer import CausalLM, DecoderLayer
+from daemon.models.transformer import CausalLM, decoder_layers
 
 EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
 RENAMES: tuple[tuple[str, str], ...] = ()
@@ -21,16 +20,13 @@ class Args(ModelArgs):
 
 
 class Model(CausalLM):
-    def __init__(self, args: Args) -> None:
-        a = args
-        layers = []
-        for i in range(a.num_hidden_layers):
-            attn = Attention(i, a.hidden_size, a.num_attention_heads, a.num_key_value_heads, a.head_dim,
-                             qkv_bias=a.attention_bias, o_bias=a.attention_bias, qk_norm="head",
-                             eps=a.rms_norm_eps)
+    def __init__(self, a: Args) -> None:
+        def attn(i: int) -> Attention:
+            return Attention.from_args(i, a, qkv_bias=a.attention_bias, o_bias=a.attention_bias, qk_norm="head")
+
+        def mlp(i: int):
             if is_sparse_layer(i, a.decoder_sparse_step, a.mlp_only_layers):
-                mlp = MoEBlock(i, Router(a.hidden_size, a.num_experts, a.num_experts_per_tok, a.norm_topk_prob))
-            else:
-                mlp = MLP(a.hidden_size, a.intermediate_size, a.hidden_act)
-            layers.append(DecoderLayer(attn, mlp, a.hidden_size, a.rms_norm_eps))
-        super().__init__(a, layers, Rope(a.head_dim, a.rope_theta, a.rope_scaling, a.max_position_embeddings))
+                return MoEBlock(i, Router(a.hidden_size, a.num_experts, a.num_experts_per_tok, a.norm_topk_prob))
+            return MLP(a.hidden_size, a.intermediate_size, a.hidden_act)
+
+        super().__init__(a, decoder_layers(a, attn, mlp))

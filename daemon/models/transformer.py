@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -28,6 +30,12 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+def decoder_layers(a: ModelArgs, attn: Callable[[int], nn.Module],
+                   mlp: Callable[[int], nn.Module]) -> list[DecoderLayer]:
+    """One DecoderLayer per layer index from the architecture's attention and MLP factories."""
+    return [DecoderLayer(attn(i), mlp(i), a.hidden_size, a.rms_norm_eps) for i in range(a.num_hidden_layers)]
+
+
 class Body(nn.Module):
     """Embeddings, decoder layers and the final norm (`model.*` in checkpoints)."""
 
@@ -41,8 +49,10 @@ class Body(nn.Module):
 class CausalLM(nn.Module):
     """A decoder-only MoE language model; architectures subclass it to build layers."""
 
-    def __init__(self, args: ModelArgs, layers: list[DecoderLayer], rope: Rope) -> None:
+    def __init__(self, args: ModelArgs, layers: list[DecoderLayer], rope: Rope | None = None) -> None:
         super().__init__()
+        if rope is None:
+            rope = Rope(args.head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings)
         self.args = args
         self.model = Body(args, layers)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)

@@ -12,7 +12,7 @@ import torch
 from daemon.errors import MoedError
 from daemon.loaders.build import load_model
 from daemon.models.deepseek_v2 import Args, GroupRouter, Model
-from daemon.tiny import REAL_CONFIGS, make_tiny_model, random_weights
+from daemon.tiny import REAL_CONFIGS, make_tiny_model
 
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import save_file  # noqa: E402
@@ -27,13 +27,8 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def variant(base: Path, out: Path, seed: int = 2, **changes) -> Path:
-    """A copy of the tiny model with config fields changed and fresh weights to match."""
-    shutil.copytree(base, out)
-    cfg = json.loads((base / "config.json").read_text()) | changes
-    (out / "config.json").write_text(json.dumps(cfg, indent=2))
-    save_file({k: v.contiguous() for k, v in random_weights("deepseek_v2", cfg, seed).items()},
-              str(out / "model.safetensors"), metadata={"format": "pt"})
-    return out
+    """The tiny model with config fields changed and fresh weights to match."""
+    return make_tiny_model("deepseek_v2", out, seed=seed, config=changes)
 
 
 def reference(path: Path) -> torch.nn.Module:
