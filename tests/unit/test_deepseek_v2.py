@@ -15,7 +15,6 @@ from daemon.models.deepseek_v2 import Args, GroupRouter, Model
 from daemon.tiny import REAL_CONFIGS, make_tiny_model
 
 transformers = pytest.importorskip("transformers")
-from safetensors.torch import save_file  # noqa: E402
 from transformers.models.deepseek_v2 import modeling_deepseek_v2 as hf  # noqa: E402
 
 TOL = 1e-4  # max abs logit difference, fp32
