@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -12,6 +13,8 @@ from pathlib import Path
 from daemon.errors import MoedError
 
 DEFAULT_ARCH = "qwen3_moe"
+# Modules that add subcommands: each defines register(subparsers) and sets `func` on its parsers.
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def default_model_path() -> Path:
@@ -112,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--json", action="store_true", help="print one JSON object with ids, text and timings")
     g.set_defaults(func=cmd_generate)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return p
 
 
