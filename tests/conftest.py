@@ -55,3 +55,54 @@ def loaded(tiny_model):
         return cache[arch]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def moed_server(tiny_model):
+    """moed_server(arch="qwen3_moe", load=True, **config) -> a real daemon Server in this process.
+
+    It listens on a fresh unix socket (and on loopback TCP when config has `tcp`); stopped at the end.
+    """
+    import tempfile
+
+    from daemon.config import Config
+    from daemon.engine import Engine
+    from daemon.metrics import Metrics
+    from daemon.server import Server
+
+    servers = []
+
+    def start(arch: str = "qwen3_moe", load: bool = True, **config) -> Server:
+        folder = tempfile.mkdtemp(prefix="moed-test-", dir="/tmp")  # short: unix socket paths are limited
+        config.setdefault("socket", f"{folder}/moed.sock")
+        config.setdefault("keep_alive", -1)
+        cfg = Config(model=str(tiny_model(arch)), **config)
+        metrics = Metrics()
+        engine = Engine(cfg, metrics)
+        server = Server(cfg, engine, metrics)
+        engine.on_state = server.on_engine_state
+        server.start()
+        servers.append(server)
+        engine.start()
+        if load:
+            engine.load(cfg.model)
+        return server
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def patch_gguf_tensor():
+    """patch_gguf_tensor(path, tensor, part, value): rewrite one tensor-info field (4: type id, 5: offset)."""
+    from gguf import GGUFReader
+
+    def patch(path: Path, name: str, part: int, value: int) -> None:
+        r = GGUFReader(path, "r+")
+        t = next(t for t in r.tensors if t.name == name)
+        t.field.parts[part][0] = value
+        r.data.flush()
+        del r
+
+    return patch

@@ -105,3 +105,30 @@ def test_not_a_model(tmp_path):
     f = tmp_path / "notes.txt"
     f.write_text("hello")
     assert_user_error(moed("generate", "--model", str(f), "--prompt", "x"), "not a model")
+
+
+@pytest.fixture(scope="module")
+def gguf_model(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+    r = moed("make-tiny-model", "--arch", "qwen3_moe", "--out", str(out), "--format", "gguf")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_generate_from_gguf(gguf_model):
+    r = moed("generate", "--model", str(gguf_model), "--prompt", "The expert", "--max-tokens", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)["tokens"]) >= 1
+
+
+def test_truncated_gguf(gguf_model, tmp_path):
+    bad = tmp_path / "cut.gguf"
+    bad.write_bytes(gguf_model.read_bytes()[: gguf_model.stat().st_size // 2])
+    assert_user_error(moed("generate", "--model", str(bad), "--prompt", "x"), str(bad), "runs past the end")
+
+
+def test_unsupported_gguf_tensor_type(gguf_model, tmp_path, patch_gguf_tensor):
+    bad = tmp_path / "q2k.gguf"
+    shutil.copyfile(gguf_model, bad)
+    patch_gguf_tensor(bad, "blk.0.attn_q.weight", 4, 10)  # GGML type 10 = Q2_K
+    assert_user_error(moed("generate", "--model", str(bad), "--prompt", "x"), str(bad), "Q2_K", "blk.0.attn_q.weight")
