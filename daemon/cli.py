@@ -14,7 +14,7 @@ from daemon.errors import MoedError
 
 DEFAULT_ARCH = "qwen3_moe"
 # Modules that add subcommands: each defines register(subparsers) and sets `func` on its parsers.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("daemon.cli_convert",)
 
 
 def default_model_path() -> Path:
@@ -55,7 +55,7 @@ def cmd_generate(a: argparse.Namespace) -> int:
         params.validate()
     except ValueError as e:
         raise MoedError(str(e)) from None
-    lm = load_model(a.model or default_model_path())
+    lm = load_model(a.model or default_model_path(), bits=a.bits)
     tok = lm.tokenizer
     text = a.prompt
     if a.chat:
@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--json", action="store_true", help="print one JSON object with ids, text and timings")
+    g.add_argument("--bits", type=int, choices=range(1, 9), metavar="R",
+                   help="run every routed expert at R bits (1-8; moed model directories from `moed convert`)")
     g.set_defaults(func=cmd_generate)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

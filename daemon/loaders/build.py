@@ -12,7 +12,7 @@ from daemon.loaders import open_checkpoint
 from daemon.loaders.checkpoint import Checkpoint
 from daemon.models import architecture
 from daemon.models.args import ModelArgs
-from daemon.models.moe import ExpertWeights, InMemoryExperts
+from daemon.models.moe import ExpertProvider, ExpertWeights, InMemoryExperts
 from daemon.models.transformer import CausalLM
 from daemon.tokenizer import Tokenizer
 
@@ -24,7 +24,7 @@ class LoadedModel:
     model: CausalLM
     tokenizer: Tokenizer
     args: ModelArgs
-    experts: InMemoryExperts
+    experts: InMemoryExperts | ExpertProvider  # a store's provider (offload.provider.StoreExperts) for moed stores
     source: str
 
 
@@ -37,9 +37,17 @@ def hf_names(name: str, renames: tuple[tuple[str, str], ...]) -> list[str]:
     return out
 
 
-def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a Hugging Face folder or GGUF file into a runnable model."""
+def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, bits: int | None = None,
+               kernel: str | None = None) -> LoadedModel:
+    """Load a Hugging Face folder, GGUF file or moed store into a runnable model.
+
+    `bits` (1..8) and `kernel` (a quant backend name) apply to moed stores: every routed expert is
+    read at that many bits and computed by that backend.
+    """
     ckpt = open_checkpoint(path)
+    store = hasattr(ckpt, "expert_provider")
+    if bits is not None and not store:
+        raise MoedError("--bits needs a moed model directory (make one with `moed convert`)", ckpt.path)
     model_type = ckpt.config.get("model_type")
     if not isinstance(model_type, str):
         raise MoedError("config has no model_type", ckpt.path)
@@ -62,6 +70,9 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> L
     if args.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
+    if store:  # quantised experts stay in the store's form
+        provider = ckpt.expert_provider(args, model.moe_layers, bits, kernel)
+        return _finish(model, provider, ckpt, args)
     layers = {}
     e, d = args.num_experts, args.hidden_size
     inter = args.moe_intermediate_size
@@ -76,7 +87,10 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> L
                 raise FormatError(f"layer {i} expert {part} weights have shape {got} but the config implies {want}",
                                   ckpt.path)
         layers[i] = ExpertWeights(w.gate.to(dtype), w.up.to(dtype), w.down.to(dtype))
-    provider = InMemoryExperts(layers, args.hidden_act)
+    return _finish(model, InMemoryExperts(layers, args.hidden_act), ckpt, args)
+
+
+def _finish(model: CausalLM, provider, ckpt: Checkpoint, args: ModelArgs) -> LoadedModel:
     model.attach_experts(provider)
     model.eval()
     tokenizer = ckpt.tokenizer()

@@ -12,11 +12,10 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
 from gguf.quants import dequantize
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
-from tokenizers import Tokenizer as HFTokenizer
 
 from daemon.errors import FormatError, MoedError, UnsupportedError
 from daemon.loaders.checkpoint import Checkpoint
+from daemon.loaders.gguf_vocab import tokenizer_from_gguf
 from daemon.models.moe import ExpertWeights
 from daemon.tokenizer import Tokenizer
 
@@ -73,50 +72,6 @@ def layer_names(spec: ArchSpec) -> tuple[tuple[str, str], ...]:
         mlp += [(f"ffn_{ours}.weight", f"mlp.{theirs}.weight"),
                 (f"ffn_{ours}_shexp.weight", f"mlp.{spec.shared}.{theirs}.weight")]
     return tuple(attn + mlp)
-
-
-@dataclass(frozen=True, slots=True)
-class PreTokenizer:
-    """llama.cpp's pre-tokenizer regexes for a `tokenizer.ggml.pre` name (applied in sequence)."""
-
-    regexes: tuple[str, ...]
-    ignore_merges: bool = False
-    add_bos: bool = False  # llama.cpp's default when the file does not say
-
-
-_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
-_QWEN2 = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-          r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_LLAMA3 = _QWEN2.replace(r"\p{N}|", r"\p{N}{1,3}|")
-_DEEPSEEK_LLM = (  # llama-vocab.cpp, non-ASCII escaped: NFC-normalising tools must not alter the ranges
-    "[\r\n]",
-    "\\s?[A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af\u0370-"
-    "\u0373\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1\u03a3-\u03f5\u03f7-\u0481"
-    "\u048a-\u052f\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5\u13f8-\u13fd\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b"
-    "\u1d6b-\u1d77\u1d79-\u1d9a\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d\u1f50-\u1f57\u1f59\u1f5b"
-    "\u1f5d\u1f5f-\u1f7d\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-\u1fdb"
-    "\u1fe0-\u1fec\u1ff2-\u1ff4\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113\u2115\u2119-\u211d\u2124\u2126\u2128"
-    "\u212a-\u212d\u212f-\u2134\u2139\u213c-\u213f\u2145-\u2149\u214e\u2183\u2184\u2c00-\u2c7b\u2c7e-\u2ce4"
-    "\u2ceb-\u2cee\u2cf2\u2cf3\ua640-\ua66d\ua680-\ua69b\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf"
-    "\ufb00-\ufb06\ufb13-\ufb17\uff21-\uff3a\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3\U000104d8"
-    "-\U000104fb\U00010c80-\U00010cb2\U00010cc0-\U00010cf2\U000118a0-\U000118df\U0001e900-\U0001e943]+",
-    "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+",
-    "\\s+$",
-    "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+",
-    "\\p{N}+",
-)
-PRE_TOKENIZERS: dict[str, PreTokenizer] = {
-    **{n: PreTokenizer((_QWEN2,)) for n in ("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez", "stablelm2")},
-    **{n: PreTokenizer((_GPT2,)) for n in ("gpt-2", "olmo", "mpt", "phi-2", "jais")},
-    **{n: PreTokenizer((_LLAMA3,), ignore_merges=True, add_bos=True) for n in ("llama3", "llama-v3", "llama-bpe")},
-    **{n: PreTokenizer((_LLAMA3,)) for n in ("dbrx", "smaug-bpe")},
-    "deepseek-llm": PreTokenizer(_DEEPSEEK_LLM),
-    "default": PreTokenizer((r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]")),
-}
-TOKEN_CONTROL, TOKEN_USER_DEFINED = 3, 4  # gguf.TokenType
-# Control tokens llama.cpp treats as end-of-generation by their text.
-EOG_TEXTS = frozenset({"<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>",
-                       "<EOT>", "<|end_of_text|>", "<｜end▁of▁sentence｜>"})
 
 
 class _CheckedReader(GGUFReader):
@@ -374,51 +329,7 @@ class GGUFCheckpoint(Checkpoint):
     # -- tokenizer --
 
     def tokenizer(self) -> Tokenizer:
-        kind = self.meta("tokenizer.ggml.model")
-        if kind != "gpt2":
-            raise UnsupportedError(f"tokenizer model {kind!r} (moed reads byte-level BPE, 'gpt2', from GGUF)",
-                                   self.path)
-        tokens: list[str] = self.meta("tokenizer.ggml.tokens") or []
-        merges: list[str] = self.meta("tokenizer.ggml.merges") or []
-        types: list[int] = self.meta("tokenizer.ggml.token_type") or [1] * len(tokens)
-        if not tokens or len(types) != len(tokens):
-            raise FormatError(f"tokenizer has {len(tokens)} tokens and {len(types)} token types", self.path)
-        pre_name = self.meta("tokenizer.ggml.pre", "default")
-        pre = PRE_TOKENIZERS.get(pre_name)
-        if pre is None:
-            raise UnsupportedError(f"pre-tokenizer {pre_name!r} (supported: {', '.join(PRE_TOKENIZERS)})", self.path)
-        pairs = []
-        for m in merges:
-            cut = m.find(" ", 1)
-            if cut < 0:
-                raise FormatError(f"bad BPE merge {m!r}", self.path)
-            pairs.append((m[:cut], m[cut + 1:]))
-        vocab = {t: i for i, t in enumerate(tokens)}
-        try:
-            tok = HFTokenizer(models.BPE(vocab, pairs, ignore_merges=pre.ignore_merges))
-        except Exception as e:  # tokenizers raises its own exception types
-            raise FormatError(f"cannot build the BPE tokenizer: {e}", self.path) from None
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in pre.regexes]
-            + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        tok.decoder = decoders.ByteLevel()
-        tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
-                                for i, ty in enumerate(types) if ty == TOKEN_CONTROL])
-        tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
-                        for i, ty in enumerate(types) if ty == TOKEN_USER_DEFINED])
-        bos = self._token_id("tokenizer.ggml.bos_token_id", len(tokens))
-        eos = self._token_id("tokenizer.ggml.eos_token_id", len(tokens))
-        ends = [eos, self._token_id("tokenizer.ggml.eot_token_id", len(tokens)),
-                self._token_id("tokenizer.ggml.eom_token_id", len(tokens))]
-        ends += [i for i, ty in enumerate(types) if ty == TOKEN_CONTROL and tokens[i] in EOG_TEXTS]
-        special = {k: tokens[i] for k, i in (("bos_token", bos), ("eos_token", eos)) if i is not None}
-        add_bos = bool(self.meta("tokenizer.ggml.add_bos_token", pre.add_bos)) and bos is not None
-        return Tokenizer(tok, bos, tuple(dict.fromkeys(e for e in ends if e is not None)), add_bos,
-                         self.meta("tokenizer.chat_template"), special)
-
-    def _token_id(self, key: str, n: int) -> int | None:
-        v = self.meta(key)
-        return int(v) if v is not None and 0 <= int(v) < n else None
+        return tokenizer_from_gguf(self.meta, self.path)
 
 
 def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:

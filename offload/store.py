@@ -1,0 +1,233 @@
+"""An opened moed model directory: manifest checked against the files, dense weights verified,
+experts read by prefix (one aligned read per request) and verified section by section."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+
+from daemon.errors import FormatError
+from offload.layout import ALIGN, MATRICES, ExpertLayout, section_name
+from offload.manifest import DENSE, EXPERTS, MANIFEST, TOKENIZER, ExpertExtent, Extent, FileEntry, Manifest, checksum
+from offload.reader import CountingReader
+from quant.groups import GROUP_SIZES
+from quant.planes import PLANES
+from quant.schemes import Scheme, scheme
+from quant.views import ExpertViews
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+class Store:
+    """A moed model directory opened for reading; every inconsistency is a FormatError naming file and extent."""
+
+    def __init__(self, path: str | Path, direct: bool = True, trace: list | None = None) -> None:
+        self.path = Path(path)
+        self.manifest = Manifest.read(self.path / MANIFEST)
+        m = self.manifest
+        where = self.path / MANIFEST
+        try:
+            self.scheme: Scheme = scheme(m.scheme)
+        except ValueError as e:
+            raise FormatError(str(e), where) from None
+        if m.group_size not in GROUP_SIZES:
+            raise FormatError(f"group size {m.group_size} is not one of {GROUP_SIZES}", where)
+        if m.alignment != ALIGN or [n for n, _ in m.matrices] != list(MATRICES) or any(
+                len(s) != 2 or not all(isinstance(d, int) and d > 0 for d in s) for _, s in m.matrices):
+            raise FormatError("experts layout (alignment, matrices) is not one this moed writes", where)
+        try:
+            self.layout = ExpertLayout.build(self.scheme, tuple(s for _, s in m.matrices), m.group_size)
+        except ValueError as e:
+            raise FormatError(f"experts layout: {e}", where) from None
+        want = tuple(self.layout.section_length(s) for s in range(self.layout.sections))
+        if m.section_lengths != want:
+            raise FormatError(f"manifest section lengths {list(m.section_lengths)} disagree with the "
+                              f"{m.scheme} scheme's {list(want)}", where)
+        self._index = self._check_extents()
+        for f in m.files.values():
+            self._check_file(f)
+        self._check_size(self.path / EXPERTS, m.experts_size)
+        self.reader = CountingReader(self.path / EXPERTS, direct=direct, trace=trace)
+
+    # -- checks --
+
+    def _check_size(self, f: Path, size: int) -> None:
+        try:
+            actual = f.stat().st_size
+        except FileNotFoundError:
+            raise FormatError("file is missing", f) from None
+        if actual != size:
+            raise FormatError(f"file is {actual} bytes but the manifest says {size} (truncated or altered)", f)
+
+    def _check_file(self, f: FileEntry) -> None:
+        self._check_size(self.path / f.name, f.size)
+        end = 0
+        for e in sorted(f.extents, key=lambda e: e.offset):
+            if e.offset != end or e.length < 0 or e.offset + e.length > f.size:
+                raise FormatError(f"extent {e.name} (offset {e.offset}, length {e.length}) does not continue the "
+                                  f"extents before it within the file's {f.size} bytes", self.path / f.name)
+            end = e.offset + e.length
+        if end != f.size:
+            raise FormatError(f"extents cover {end} of the file's {f.size} bytes", self.path / f.name)
+
+    def _check_extents(self) -> dict[tuple[int, int], ExpertExtent]:
+        m, where = self.manifest, self.path / EXPERTS
+        index: dict[tuple[int, int], ExpertExtent] = {}
+        end = 0
+        for x in sorted(m.experts, key=lambda x: x.offset):
+            name = f"layer {x.layer} expert {x.expert}"
+            if (x.layer, x.expert) in index:
+                raise FormatError(f"extent {name} is listed twice in the manifest", where)
+            if x.length != self.layout.length or x.offset % ALIGN or x.offset < end:
+                raise FormatError(f"extent {name} (offset {x.offset}, length {x.length}) is misplaced: "
+                                  f"expected an aligned, non-overlapping extent of {self.layout.length} bytes", where)
+            if len(x.checksums) != self.layout.sections or not all(isinstance(c, str) for c in x.checksums):
+                raise FormatError(f"extent {name} has {len(x.checksums)} checksums, expected {self.layout.sections}",
+                                  where)
+            end = x.offset + x.length
+            index[(x.layer, x.expert)] = x
+        if end > m.experts_size:
+            raise FormatError(f"extents end at byte {end} but the manifest gives the file {m.experts_size} bytes",
+                              where)
+        return index
+
+    # -- what the model builder asks for --
+
+    @property
+    def layers(self) -> list[int]:
+        """MoE layer indices with experts in the store."""
+        return sorted({layer for layer, _ in self._index})
+
+    def n_experts(self, layer: int) -> int:
+        """Experts stored for a layer."""
+        return sum(1 for lay, _ in self._index if lay == layer)
+
+    def has(self, layer: int, expert: int) -> bool:
+        """Whether the store holds this expert."""
+        return (layer, expert) in self._index
+
+    def tokenizer_json(self) -> str:
+        """The tokenizer file's text, after its checksum."""
+        f = self.manifest.files[TOKENIZER]
+        buf = self._verified_file(f)
+        try:
+            return bytes(buf).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise FormatError(f"tokenizer is not UTF-8: {e}", self.path / TOKENIZER) from None
+
+    def dense_tensors(self) -> dict[str, torch.Tensor]:
+        """Every dense tensor, read once and checked extent by extent."""
+        f = self.manifest.files[DENSE]
+        buf = self._verified_file(f)
+        path = self.path / DENSE
+        if len(buf) < 8:
+            raise FormatError("safetensors file is shorter than its header length", path)
+        (n,) = struct.unpack_from("<Q", buf, 0)
+        if 8 + n > len(buf):
+            raise FormatError(f"safetensors header length {n} runs past the end of the file", path)
+        try:
+            header = json.loads(bytes(buf[8:8 + n]).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise FormatError(f"safetensors header is not valid JSON: {e}", path) from None
+        listed = {e.name: e for e in f.extents if e.name != "header"}
+        out: dict[str, torch.Tensor] = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            e = listed.get(name)
+            dtype = SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
+            if e is None or dtype is None:
+                raise FormatError(f"tensor {name} is not in the manifest or has an unsupported dtype", path)
+            try:
+                begin, end = (int(v) for v in info["data_offsets"])
+                shape = [int(d) for d in info["shape"]]
+            except (KeyError, TypeError, ValueError):
+                raise FormatError(f"tensor {name}: malformed safetensors header entry", path) from None
+            numel = 1
+            for d in shape:
+                numel *= d
+            if (8 + n + begin, end - begin) != (e.offset, e.length) or numel * dtype.itemsize != e.length:
+                raise FormatError(f"extent {name}: the safetensors header and the manifest disagree", path)
+            out[name] = torch.frombuffer(buf, dtype=dtype, count=numel, offset=e.offset).reshape(shape)
+        if set(out) != set(listed):
+            raise FormatError(f"tensors {sorted(set(listed) - set(out))} are in the manifest but not the file", path)
+        return out
+
+    def _verified_file(self, f: FileEntry) -> bytearray:
+        with CountingReader(self.path / f.name, direct=False) as r:
+            buf = r.read(0, f.size)
+        for e in f.extents:
+            self._verify(buf, e.offset, e.length, e.checksum, f"extent {e.name}", self.path / f.name, e.offset)
+        return buf
+
+    # -- experts --
+
+    def extent(self, layer: int, expert: int) -> ExpertExtent:
+        """Where an expert lives; KeyError if the store lacks it."""
+        return self._index[(layer, expert)]
+
+    def read_sections(self, layer: int, expert: int, first: int, stop: int) -> list:
+        """Sections first..stop-1 of an expert (0 = head, 1 + i = plane i) in ONE read, each verified."""
+        x = self.extent(layer, expert)
+        if not 0 <= first < stop <= self.layout.sections:
+            raise ValueError(f"bad section range {first}..{stop}")
+        start = self.layout.section_offset(first)
+        length = self.layout.section_offset(stop) - start
+        buf = self.reader.read(x.offset + start, length)
+        out, at = [], 0
+        for s in range(first, stop):
+            n = self.layout.section_length(s)
+            piece = memoryview(buf)[at:at + n]
+            self._verify(piece, 0, n, x.checksums[s], f"extent layer {layer} expert {expert} {section_name(s)}",
+                         self.path / EXPERTS, x.offset + start + at)
+            out.append(piece)
+            at += n
+        return out
+
+    def read_expert(self, layer: int, expert: int, bits: int) -> list:
+        """The r-bit prefix of an expert (head and planes 0..bits-1) as verified sections."""
+        if not 1 <= bits <= PLANES:
+            raise ValueError(f"bits must be in 1..{PLANES}, got {bits}")
+        return self.read_sections(layer, expert, 0, bits + 1)
+
+    def views(self, sections: list, bits: int) -> ExpertViews:
+        """The `bits`-bit views of gate, up and down from an expert's first bits + 1 sections."""
+        if len(sections) < bits + 1:
+            raise ValueError(f"a {bits}-bit view needs {bits + 1} sections, got {len(sections)}")
+        parts = [self.layout.split(s, sections[s]) for s in range(bits + 1)]
+        views = []
+        for m, shape in enumerate(self.layout.shapes):
+            enc = self.scheme.decode(shape, self.manifest.group_size, parts[0][m], [p[m] for p in parts[1:]])
+            views.append(self.scheme.view(enc, bits))
+        return ExpertViews(*views)
+
+    @staticmethod
+    def _verify(buf, offset: int, length: int, want: str, name: str, path: Path, file_offset: int) -> None:
+        got = checksum(memoryview(buf)[offset:offset + length])
+        if got != want:
+            raise FormatError(f"{name} (offset {file_offset}, length {length}): checksum mismatch "
+                              f"(crc32 {got}, manifest {want})", path)
+
+    def close(self) -> None:
+        """Close the experts file."""
+        self.reader.close()
+
+
+def dense_extents(path: Path) -> tuple[Extent, ...]:
+    """Extents of a safetensors file as written (header, each tensor, any gap), tiling it, with checksums."""
+    data = path.read_bytes()
+    (n,) = struct.unpack_from("<Q", data, 0)
+    header = json.loads(data[8:8 + n])
+    spans = sorted((8 + n + info["data_offsets"][0], 8 + n + info["data_offsets"][1], name)
+                   for name, info in header.items() if name != "__metadata__")
+    out, end = [Extent("header", 0, 8 + n, checksum(data[:8 + n]))], 8 + n
+    for b, e, name in spans + [(len(data), len(data), "")]:
+        if b > end:
+            out.append(Extent(f"gap at {end}", end, b - end, checksum(data[end:b])))
+        if name:
+            out.append(Extent(name, b, e - b, checksum(data[b:e])))
+        end = max(end, e)
+    return tuple(out)

@@ -1,0 +1,108 @@
+"""The backend interface: turn quantised views into a compute form, run an expert FFN on it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from quant.views import ExpertViews, QuantView
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedExpert:
+    """An expert in a backend's compute form (gate, up, down), ready for `Backend.ffn`."""
+
+    forms: tuple[Any, ...]
+    act: str
+    bits: int
+    nbytes: int  # memory the compute form holds
+
+
+class Backend:
+    """Runs expert FFNs down(act(gate x) * up x) on quantised weights; subclasses register by name."""
+
+    name: ClassVar[str] = ""
+    device: ClassVar[str] = "cpu"
+    _registry: ClassVar[dict[str, type["Backend"]]] = {}
+
+    def __init_subclass__(cls, *, name: str, **kw) -> None:
+        super().__init_subclass__(**kw)
+        cls.name = name
+        Backend._registry[name] = cls
+
+    @classmethod
+    def available(cls) -> bool:
+        """Whether this machine can run the backend."""
+        return True
+
+    def prepare(self, view: QuantView) -> Any:
+        """The compute form of one matrix."""
+        raise NotImplementedError
+
+    def linear(self, x: torch.Tensor, form: Any) -> torch.Tensor:
+        """x [T, K] -> x @ W^T [T, N] in float32."""
+        raise NotImplementedError
+
+    def form_nbytes(self, form: Any) -> int:
+        """Bytes a matrix's compute form holds."""
+        return sum(t.numel() * t.element_size() for t in _tensors(form))
+
+    def prepare_expert(self, views: ExpertViews, act: str) -> PreparedExpert:
+        """The compute form of a whole expert."""
+        activation(act)
+        forms = tuple(self.prepare(v) for v in (views.gate, views.up, views.down))
+        return PreparedExpert(forms, act, views.bits, sum(self.form_nbytes(f) for f in forms))
+
+    def ffn(self, x: torch.Tensor, e: PreparedExpert) -> torch.Tensor:
+        """The expert's output for x [T, D], float32 [T, D]."""
+        gate, up, down = e.forms
+        x = x.float()
+        return self.linear(activation(e.act)(self.linear(x, gate)) * self.linear(x, up), down)
+
+
+def get_backend(name: str, **options: Any) -> Backend:
+    """A backend instance by name; ValueError if unknown or unavailable here."""
+    cls = Backend._registry.get(name)
+    if cls is None:
+        raise ValueError(f"unknown kernel backend {name!r} (known: {', '.join(backend_names())})")
+    if not cls.available():
+        raise ValueError(f"kernel backend {name!r} is not available on this machine "
+                         f"(available: {', '.join(available_backends())})")
+    return cls(**options)
+
+
+def backend_names() -> tuple[str, ...]:
+    """Every registered backend."""
+    return tuple(Backend._registry)
+
+
+def available_backends() -> tuple[str, ...]:
+    """The registered backends this machine can run."""
+    return tuple(n for n, c in Backend._registry.items() if c.available())
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The activation function named by a config (silu, swish, gelu, relu)."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unsupported activation {name!r}") from None
+
+
+def _tensors(form: Any):
+    if isinstance(form, torch.Tensor):
+        yield form
+    elif isinstance(form, (tuple, list)):
+        for f in form:
+            yield from _tensors(f)
+    elif hasattr(form, "__slots__"):
+        for s in form.__slots__:
+            yield from _tensors(getattr(form, s))

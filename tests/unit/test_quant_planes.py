@@ -1,0 +1,128 @@
+"""Bit-planes and r-bit views: bit-exact properties over random shapes, group sizes and codes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from quant.groups import GROUP_SIZES, dequantize, quantize
+from quant.planes import pack_planes, unpack_planes
+from quant.schemes import scheme
+from quant.views import msb_view
+
+pytestmark = pytest.mark.cpu
+
+
+@st.composite
+def matrices(draw) -> tuple[torch.Tensor, int]:
+    """A random float [N, K] matrix whose rows split into groups of a supported size."""
+    group = draw(st.sampled_from(GROUP_SIZES))
+    n = draw(st.integers(1, 12))
+    k = group * draw(st.integers(1, 4))
+    seed = draw(st.integers(0, 2**31 - 1))
+    kind = draw(st.sampled_from(["normal", "laplace", "t3", "constant", "tiny"]))
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    if kind == "laplace":
+        w = torch.sign(w) * torch.empty(n, k).exponential_(generator=g)
+    elif kind == "t3":
+        w = w / torch.sqrt((torch.randn(3, n, k, generator=g) ** 2).sum(dim=0) / 3)
+    elif kind == "constant":
+        w = torch.full((n, k), float(w[0, 0]))
+    elif kind == "tiny":
+        w = w * 1e-6
+    return w, group
+
+
+@st.composite
+def codes(draw) -> torch.Tensor:
+    """Random uint8 codes of a random shape whose size is a multiple of 8."""
+    shape = draw(st.sampled_from([(8,), (3, 16), (5, 32), (2, 3, 64), (1, 8)]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    return torch.from_numpy(rng.integers(0, 256, size=shape, dtype=np.uint8))
+
+
+@settings(max_examples=200, deadline=None)
+@given(codes())
+def test_pack_unpack_is_bit_exact(q):
+    planes = pack_planes(q)
+    assert planes.shape == (8, q.numel() // 8) and planes.dtype == torch.uint8
+    assert torch.equal(unpack_planes(planes, tuple(q.shape)), q)
+
+
+@settings(max_examples=200, deadline=None)
+@given(codes(), st.integers(1, 8))
+def test_first_r_planes_are_the_top_r_bits(q, r):
+    planes = pack_planes(q)
+    assert torch.equal(unpack_planes(planes[:r], tuple(q.shape)), q >> (8 - r))
+
+
+def test_plane_order_is_msb_first_and_high_bit_first_in_a_byte():
+    q = torch.tensor([0b10000000, 0, 0, 0, 0, 0, 0, 0b00000001], dtype=torch.uint8)
+    planes = pack_planes(q)
+    assert planes[0].tolist() == [0b10000000]  # plane 0 = bit 7; code 0 in the byte's high bit
+    assert planes[7].tolist() == [0b00000001]
+    assert planes[1:7].sum().item() == 0
+
+
+@settings(max_examples=150, deadline=None)
+@given(matrices(), st.integers(1, 8))
+def test_r_bit_view_from_planes_equals_slice_of_the_8_bit_code(wg, r):
+    w, group = wg
+    msb = scheme("msb")
+    enc = msb.encode(w, group)
+    q8 = quantize(w, 8, group)
+    assert torch.equal(unpack_planes(enc.planes, tuple(w.shape)), q8.codes)
+    from_planes = msb.view(enc, r)  # reads only the first r planes
+    from_code = msb_view(q8.codes, q8.scale, q8.minimum, r, group)
+    (a,), (b,) = from_planes.terms, from_code.terms
+    assert a.bits == b.bits == r
+    assert torch.equal(a.codes, q8.codes >> (8 - r))
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale) and torch.equal(a.zero, b.zero)
+    assert torch.equal(from_planes.dequantize(), from_code.dequantize())
+
+
+@settings(max_examples=100, deadline=None)
+@given(matrices())
+def test_8_bit_view_is_the_reference_dequantisation_exactly(wg):
+    w, group = wg
+    q8 = quantize(w, 8, group)
+    view = scheme("msb").view(scheme("msb").encode(w, group), 8)
+    assert torch.equal(view.dequantize(), dequantize(q8.codes, q8.scale, q8.minimum, group))
+
+
+@settings(max_examples=100, deadline=None)
+@given(matrices(), st.integers(1, 8))
+def test_r_bit_view_lies_in_the_middle_of_its_bucket(wg, r):
+    w, group = wg
+    q8 = quantize(w, 8, group)
+    got = msb_view(q8.codes, q8.scale, q8.minimum, r, group).dequantize()
+    step = 1 << (8 - r)
+    lo = dequantize((q8.codes >> (8 - r)) * step, q8.scale, q8.minimum, group)  # first code of the bucket
+    hi = dequantize((q8.codes >> (8 - r)) * step + (step - 1), q8.scale, q8.minimum, group)  # last
+    assert torch.allclose(got, (lo + hi) / 2, rtol=1e-6, atol=1e-6 * float(w.abs().max()) + 1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(matrices(), st.sampled_from(["msb", "residual"]), st.integers(1, 8))
+def test_stored_bytes_round_trip(wg, name, r):
+    w, group = wg
+    s = scheme(name)
+    enc = s.encode(w, group)
+    head = enc.head_bytes()
+    planes = [enc.plane_bytes(i) for i in range(r)]
+    assert len(head) == s.head_nbytes(tuple(w.shape), group)
+    assert [len(p) for p in planes] == [s.plane_nbytes(i, tuple(w.shape), group) for i in range(r)]
+    back = s.decode(tuple(w.shape), group, head, planes)
+    assert torch.equal(s.view(back, r).dequantize(), s.view(enc, r).dequantize())
+
+
+def test_unpack_rejects_mismatched_shapes():
+    with pytest.raises(ValueError):
+        unpack_planes(torch.zeros(3, 4, dtype=torch.uint8), (5, 8))
+    with pytest.raises(ValueError):
+        pack_planes(torch.zeros(7, dtype=torch.uint8))
