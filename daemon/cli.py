@@ -14,7 +14,7 @@ from daemon.errors import MoedError
 
 DEFAULT_ARCH = "qwen3_moe"
 # Modules that add subcommands: each defines register(subparsers) and sets `func` on its parsers.
-COMMAND_MODULES: tuple[str, ...] = ("daemon.cli_convert",)
+COMMAND_MODULES: tuple[str, ...] = ("daemon.cli_convert", "daemon.cli_serve", "profiler.cli")
 
 
 def default_model_path() -> Path:
@@ -55,7 +55,17 @@ def cmd_generate(a: argparse.Namespace) -> int:
         params.validate()
     except ValueError as e:
         raise MoedError(str(e)) from None
+    if (not a.in_process and getattr(a, "bits", None) is None and not a.record_trace
+            and (a.socket or a.tcp or not a.model)):
+        # a running daemon serves it
+        from daemon.client import daemon_target, generate_via_daemon
+        target = daemon_target(a.socket, a.tcp)
+        if target is not None:
+            return generate_via_daemon(target, a.prompt, a.chat, params, a.model or "", a.json)
     lm = load_model(a.model or default_model_path(), bits=a.bits)
+    if a.record_trace:  # profiler/trace.py documents the format
+        from profiler.trace import record_trace
+        record_trace(lm, a.record_trace)
     tok = lm.tokenizer
     text = a.prompt
     if a.chat:
@@ -114,8 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument("--stop", action="append", help="stop string (repeatable)")
     g.add_argument("--json", action="store_true", help="print one JSON object with ids, text and timings")
+    g.add_argument("--socket", help="talk to the daemon on this unix socket")
+    g.add_argument("--tcp", metavar="HOST:PORT", help="talk to the daemon at this TCP address (token: $MOED_TOKEN)")
+    g.add_argument("--in-process", action="store_true",
+                   help="load the model here even if a daemon is running (the default without one, or with --model)")
     g.add_argument("--bits", type=int, choices=range(1, 9), metavar="R",
                    help="run every routed expert at R bits (1-8; moed model directories from `moed convert`)")
+    g.add_argument("--record-trace", metavar="FILE", help="record every step's expert routing to FILE (runs in-process)")
     g.set_defaults(func=cmd_generate)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

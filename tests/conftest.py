@@ -63,14 +63,13 @@ def moed_server(tiny_model):
 
     It listens on a fresh unix socket (and on loopback TCP when config has `tcp`); stopped at the end.
     """
+    import shutil
     import tempfile
 
     from daemon.config import Config
     from daemon.engine import Engine
     from daemon.metrics import Metrics
     from daemon.server import Server
-
-    servers = []
 
     def start(arch: str = "qwen3_moe", load: bool = True, **config) -> Server:
         folder = tempfile.mkdtemp(prefix="moed-test-", dir="/tmp")  # short: unix socket paths are limited
@@ -81,6 +80,7 @@ def moed_server(tiny_model):
         engine = Engine(cfg, metrics)
         server = Server(cfg, engine, metrics)
         engine.on_state = server.on_engine_state
+        folders.append(folder)
         server.start()
         servers.append(server)
         engine.start()
@@ -88,9 +88,12 @@ def moed_server(tiny_model):
             engine.load(cfg.model)
         return server
 
+    servers, folders = [], []
     yield start
     for s in servers:
         s.stop()
+    for f in folders:
+        shutil.rmtree(f, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

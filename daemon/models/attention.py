@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,23 @@ class AttnInputs:
     sin: torch.Tensor  # [T, d_rope]
     mask: torch.Tensor | None  # [T, L] bool, True = attend; None = attend to all
     cache: KVCache
+
+    def per_sequence(self, fn: Callable[..., torch.Tensor], *xs: torch.Tensor) -> torch.Tensor:
+        """fn(*xs, self): the whole row is one sequence (or a batch sharing positions)."""
+        return fn(*xs, self)
+
+
+@dataclass(slots=True)
+class RaggedInputs:
+    """Several sequences flattened into one row [1, sum T]: each its own positions, mask and cache."""
+
+    parts: list[AttnInputs]
+    lengths: list[int]  # new tokens of each sequence, in row order
+
+    def per_sequence(self, fn: Callable[..., torch.Tensor], *xs: torch.Tensor) -> torch.Tensor:
+        """fn(*slices, part) for each sequence's slice of xs [1, sum T, ...] (dim 1), concatenated."""
+        chunks = zip(*(x.split(self.lengths, dim=1) for x in xs))
+        return torch.cat([fn(*c, p) for c, p in zip(chunks, self.parts)], dim=1)
 
 
 def causal_mask(t: int, start: int, device: torch.device, window: int | None = None) -> torch.Tensor | None:
@@ -82,8 +100,12 @@ class Attention(nn.Module):
         k = k.view(b, t, self.n_kv, self.head_dim)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
+        v = v.view(b, t, self.n_kv, self.head_dim)
+        return self.o_proj(a.per_sequence(self._attend, q, k, v))
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: AttnInputs) -> torch.Tensor:
+        """Rope, cache and attention for one sequence: q [B, T, H, d], k/v [B, T, Hkv, d] -> [B, T, H*d]."""
         q = apply_rope(q.transpose(1, 2), a.cos, a.sin)  # [B, H, T, d]
         k = apply_rope(k.transpose(1, 2), a.cos, a.sin)  # [B, Hkv, T, d]
-        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        k, v = a.cache.update(self.layer, k, v)
-        return self.o_proj(attend(q, k, v, a.mask, self.scale))
+        k, v = a.cache.update(self.layer, k, v.transpose(1, 2))
+        return attend(q, k, v, a.mask, self.scale)

@@ -96,17 +96,21 @@ class LatentAttention(nn.Module):
     def forward(self, x: torch.Tensor, a: AttnInputs) -> torch.Tensor:
         b, t, _ = x.shape  # x [B, T, D]
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora else self.q_proj(x)
-        q = q.view(b, t, self.n_heads, -1).transpose(1, 2)  # [B, H, T, nope+rope]
-        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        q = q.view(b, t, self.n_heads, -1)  # [B, T, H, nope+rope]
         kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.rank, self.rope], dim=-1)  # [B, T, r], [B, T, rope]
-        kv = self.kv_b_proj(self.kv_a_layernorm(kv)).view(b, t, self.n_heads, -1).transpose(1, 2)
-        k_nope, v = kv.split([self.nope, self.dv], dim=-1)  # [B, H, T, nope], [B, H, T, dv]
+        kv = self.kv_b_proj(self.kv_a_layernorm(kv)).view(b, t, self.n_heads, -1)  # [B, T, H, nope+dv]
+        return self.o_proj(a.per_sequence(self._attend, q, kv, k_pe))
+
+    def _attend(self, q: torch.Tensor, kv: torch.Tensor, k_pe: torch.Tensor, a: AttnInputs) -> torch.Tensor:
+        """Rope, cache and attention for one sequence's q, kv [B, T, H, *] and k_pe [B, T, rope]."""
+        q_nope, q_pe = q.transpose(1, 2).split([self.nope, self.rope], dim=-1)  # [B, H, T, *]
+        k_nope, v = kv.transpose(1, 2).split([self.nope, self.dv], dim=-1)  # [B, H, T, nope], [B, H, T, dv]
         q_pe = apply_rope(deinterleave(q_pe), a.cos, a.sin)  # [B, H, T, rope]
         k_pe = apply_rope(deinterleave(k_pe)[:, None], a.cos, a.sin)  # [B, 1, T, rope], shared by the heads
         q = torch.cat((q_nope, q_pe), dim=-1)
         k = torch.cat((k_nope, k_pe.expand(-1, self.n_heads, -1, -1)), dim=-1)  # [B, H, T, nope+rope]
         k, v = a.cache.update(self.layer, k, v)
-        return self.o_proj(attend(q, k, v, a.mask, self.scale))
+        return attend(q, k, v, a.mask, self.scale)
 
 
 class GroupRouter(Router):

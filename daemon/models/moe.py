@@ -65,6 +65,9 @@ class Router(nn.Module):
         return Routing(idx, w.to(x.dtype), logits)
 
 
+RoutingObserver = Callable[[int, Routing], None]  # (layer, routing) after a block routes
+
+
 class Experts(Protocol):
     """The routed experts of one layer, wherever they live."""
 
@@ -163,11 +166,14 @@ class MoEBlock(nn.Module):
         if shared_gate is not None:
             self.shared_gate = shared_gate
         self.provider: ExpertProvider | None = None
+        self.observer: RoutingObserver | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, D]
         routing = self.gate(x)
+        if self.observer is not None:
+            self.observer(self.layer, routing)
         out = self.provider.experts(self.layer)(x, routing)
         if hasattr(self, "shared"):
             s = self.shared(x)

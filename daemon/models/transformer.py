@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from daemon.models.args import ModelArgs
-from daemon.models.attention import AttnInputs, causal_mask
+from daemon.models.attention import AttnInputs, RaggedInputs, causal_mask
 from daemon.models.cache import KVCache
-from daemon.models.moe import ExpertProvider, MoEBlock
+from daemon.models.moe import ExpertProvider, MoEBlock, RoutingObserver
 from daemon.models.norms import RMSNorm
 from daemon.models.rope import Rope
 
@@ -70,6 +70,12 @@ class CausalLM(nn.Module):
             if isinstance(layer.mlp, MoEBlock):
                 layer.mlp.provider = provider
 
+    def observe_routing(self, observer: RoutingObserver | None) -> None:
+        """Call observer(layer, routing) after every MoE block routes (None: stop)."""
+        for layer in self.model.layers:
+            if isinstance(layer.mlp, MoEBlock):
+                layer.mlp.observer = observer
+
     def new_cache(self, capacity: int = 256) -> KVCache:
         """An empty KV cache for this model."""
         return KVCache(len(self.model.layers), capacity)
@@ -86,6 +92,30 @@ class CausalLM(nn.Module):
             x = layer(x, a)
         cache.advance(t)
         return self.model.norm(x)
+
+    def step(self, seqs: list[tuple[torch.Tensor, KVCache]]) -> torch.Tensor:
+        """Logits [N, V] of the last new token of each sequence: new tokens [T_i] after its own cache.
+
+        The sequences' tokens run as one row [1, sum T] through the dense and MoE parts; attention
+        runs per sequence with its own positions, mask and cache.
+        """
+        if len(seqs) == 1:
+            tokens, cache = seqs[0]
+            return self(tokens[None], cache, last_only=True)[:, -1]
+        lengths = [len(t) for t, _ in seqs]
+        device = seqs[0][0].device
+        pos = torch.cat([torch.arange(c.length, c.length + n, device=device) for (_, c), n in zip(seqs, lengths)])
+        cos, sin = self.rope.tables(pos)  # [sum T, d_rope]
+        parts = [AttnInputs(c_, s_, causal_mask(n, cache.length, device, self.sliding_window), cache)
+                 for c_, s_, n, (_, cache) in zip(cos.split(lengths), sin.split(lengths), lengths, seqs)]
+        x = self.model.embed_tokens(torch.cat([t for t, _ in seqs])[None])  # [1, sum T, D]
+        a = RaggedInputs(parts, lengths)
+        for layer in self.model.layers:
+            x = layer(x, a)
+        for (_, cache), n in zip(seqs, lengths):
+            cache.advance(n)
+        last = torch.tensor(lengths, device=device).cumsum(0) - 1  # [N]
+        return self.lm_head(self.model.norm(x[0, last]))
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """Logits [B, T, V] (or [B, 1, V] with last_only) for tokens [B, T]."""

@@ -1,0 +1,90 @@
+"""What the machine and the daemon hold: devices, process memory, the tiers experts live in."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceView:
+    """One compute device and its memory."""
+
+    name: str
+    kind: str
+    description: str
+    memory_total: int
+    memory_used: int
+    threads: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TierView:
+    """One place experts live, its budget and use; hits/misses/bytes moved are filled by tiered stores."""
+
+    name: str
+    device: str
+    budget: int
+    used: int
+    experts_resident: int
+    experts_total: int
+    hits: int = 0
+    misses: int = 0
+    experts_by_bits: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def hit_rate(self) -> float:
+        """Share of expert uses served from this tier."""
+        n = self.hits + self.misses
+        return self.hits / n if n else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class LinkView:
+    """Traffic between two tiers (none yet: experts are all in RAM)."""
+
+    source: str
+    target: str
+    bytes_moved: int = 0
+    transfers: int = 0
+    busy_seconds: float = 0.0
+
+
+def cpu_name() -> str:
+    """The CPU's model name."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def devices() -> list[DeviceView]:
+    """The CPU (system RAM) and every CUDA device torch sees."""
+    vm = psutil.virtual_memory()
+    out = [DeviceView("cpu", "cpu", cpu_name(), vm.total, vm.total - vm.available, torch.get_num_threads())]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            free, total = torch.cuda.mem_get_info(i)
+            out.append(DeviceView(f"cuda:{i}", "cuda", torch.cuda.get_device_name(i), total, total - free))
+    return out
+
+
+def rss_bytes() -> tuple[int, int]:
+    """(current, peak) resident set size of this process in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    return psutil.Process(os.getpid()).memory_info().rss, peak
+
+
+def ram_tier(expert_bytes: int, experts_total: int, uses: int, bits: int) -> TierView:
+    """The RAM tier when every routed expert is held in memory: all uses are hits."""
+    return TierView("ram", "cpu", psutil.virtual_memory().total, expert_bytes, experts_total, experts_total,
+                    hits=uses, misses=0, experts_by_bits={bits: experts_total} if experts_total else {})

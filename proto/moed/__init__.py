@@ -1,0 +1,1 @@
+"""moed protocol, version 1."""
