@@ -2,13 +2,17 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PROMPT ?= The expert said
 
-.PHONY: setup run test test-fast bench clean
+.PHONY: setup run generate test test-fast bench clean
 
 setup:
 	@bash tools/setup.sh
 
-# The main job on the built-in default model.
+# The main job: the daemon, serving the built-in default model on the default unix socket.
 run: setup
+	$(VENV)/bin/moed serve
+
+# One generation (through the daemon when one is running, else in this process).
+generate: setup
 	$(VENV)/bin/moed generate --prompt "$(PROMPT)" --max-tokens 32
 
 test: setup
