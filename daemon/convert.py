@@ -11,8 +11,7 @@ import torch
 
 from daemon.errors import FormatError, MoedError
 from daemon.loaders import open_checkpoint
-from daemon.loaders.build import hf_names
-from daemon.loaders.checkpoint import Checkpoint
+from daemon.loaders.build import checked_tensor, hf_names
 from daemon.models import architecture
 from offload.layout import MATRICES
 from offload.manifest import TOKENIZER, Manifest
@@ -52,7 +51,8 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, group_size: int =
     dense = {}
     for name, p in model.state_dict().items():
         if not (name == "lm_head.weight" and args.tie_word_embeddings):
-            dense[name] = _dense_tensor(ckpt, name, tuple(p.shape), renames)
+            t = checked_tensor(ckpt, name, tuple(p.shape), renames)
+            dense[name] = t if t.dtype in STORED_DTYPES else t.float()
     tok = ckpt.tokenizer()
     kind = "gguf" if ckpt.path.is_file() else "hf"
     manifest = Manifest(
@@ -82,17 +82,6 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, group_size: int =
                     progress(done, total, w.bytes_written)
             del ew
         return w.commit()
-
-
-def _dense_tensor(ckpt: Checkpoint, name: str, shape: tuple[int, ...], renames) -> torch.Tensor:
-    for cand in hf_names(name, renames):
-        t = ckpt.tensor(cand)
-        if t is not None:
-            if tuple(t.shape) != shape:
-                raise FormatError(f"tensor {cand} has shape {tuple(t.shape)} but the config implies {shape}",
-                                  ckpt.where(cand))
-            return t if t.dtype in STORED_DTYPES else t.float()
-    raise FormatError(f"tensor {name} is missing", ckpt.path)
 
 
 def _jsonable(cfg: dict) -> dict:

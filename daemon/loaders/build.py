@@ -66,7 +66,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, bits
     for name, p in model.state_dict().items():
         if name == "lm_head.weight" and args.tie_word_embeddings:
             continue
-        state[name] = _checked(ckpt, name, tuple(p.shape), renames, dtype)
+        state[name] = checked_tensor(ckpt, name, tuple(p.shape), renames).to(dtype)
     if args.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
@@ -101,12 +101,13 @@ def _finish(model: CausalLM, provider, ckpt: Checkpoint, args: ModelArgs) -> Loa
     return LoadedModel(model, tokenizer, args, provider, str(ckpt.path))
 
 
-def _checked(ckpt: Checkpoint, name: str, shape: tuple[int, ...], renames, dtype: torch.dtype) -> torch.Tensor:
+def checked_tensor(ckpt: Checkpoint, name: str, shape: tuple[int, ...], renames) -> torch.Tensor:
+    """The checkpoint's tensor for a moed parameter name, as stored, after checking its shape."""
     for cand in hf_names(name, renames):
         t = ckpt.tensor(cand)
         if t is not None:
             if tuple(t.shape) != shape:
                 raise FormatError(f"tensor {cand} has shape {tuple(t.shape)} but the config implies {shape}",
                                   ckpt.where(cand))
-            return t.to(dtype)
+            return t
     raise FormatError(f"tensor {name} is missing", ckpt.path)
