@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from profiler.costmodel import FIT_QUANTILE, CostModel, Sample, op_kind, quantile  # noqa: E402
 from profiler.probes import ProbePlan  # noqa: E402
+from profiler.profile import busy  # noqa: E402
 
 FIT = ProbePlan(tokens=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), ffn_bits=(8, 4), rotate=4, attn_batches=(1, 4),
                 attn_contexts=(128, 512, 2048, 8192), copy_sizes=tuple(1 << i for i in range(12, 29, 2)),
@@ -119,8 +120,7 @@ def main() -> int:
         kinds.setdefault(op_kind(op), []).append(d["mape_pct"])
     facts = machine_facts(folder)
     note = (f"1-minute load average {load0:.2f} before and {load1:.2f} after on {os.cpu_count()} CPUs"
-            + ("; other processes were running, so timings are noisy" if max(load0, load1) > 0.5 * (os.cpu_count() or 1)
-               else ""))
+            + ("; other processes were running, so timings are noisy" if busy(load0) else ""))
     result = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "quick": a.quick,
         "machine": {"cpu": facts.cpu.model, "cores": facts.cpu.logical_cores,

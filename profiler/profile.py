@@ -21,6 +21,11 @@ FORMAT = "moed-profile"
 VERSION = 1
 
 
+
+def busy(load_before: float | None) -> bool:
+    """Whether other work was running when probing began (the probes' own load comes after)."""
+    return (load_before or 0) > 0.5 * (os.cpu_count() or 1)
+
 def state_dir() -> Path:
     """moed's state directory: $MOED_STATE_DIR, else $XDG_STATE_HOME/moed, else ~/.local/state/moed."""
     if os.environ.get("MOED_STATE_DIR"):
@@ -94,7 +99,7 @@ def run_profile(quick: bool = False, shape_name: str = "qwen3-30b-a3b", flash_di
     notes += n
     cost = CostModel.fit(samples, meta)
     load_after = _load()
-    if max(load_before or 0, load_after or 0) > 0.5 * (os.cpu_count() or 1):
+    if busy(load_before):
         notes.append(f"other processes were running (1-min load {load_before} before, {load_after} after, "
                      f"{os.cpu_count()} CPUs): timings are noisy")
     return {"format": FORMAT, "version": VERSION, "name": "this-machine",
