@@ -1,22 +1,5 @@
-"""Errors a user can act on: they name the file and the problem."""
+"""Errors a user can act on; defined in offload/ so that the lower layers raise the same ones."""
 
-from __future__ import annotations
+from offload.errors import FormatError, MoedError, UnsupportedError
 
-import os
-
-
-class MoedError(Exception):
-    """A user-facing error: bad path, bad file, unsupported input."""
-
-    def __init__(self, message: str, path: str | os.PathLike | None = None) -> None:
-        self.path = None if path is None else os.fspath(path)
-        self.message = message
-        super().__init__(f"{self.path}: {message}" if self.path else message)
-
-
-class UnsupportedError(MoedError):
-    """The input is valid but moed does not handle it (yet)."""
-
-
-class FormatError(MoedError):
-    """A file is truncated, corrupt, or disagrees with its own description."""
+__all__ = ["FormatError", "MoedError", "UnsupportedError"]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon.errors import FormatError
+from offload.errors import FormatError
 
 FORMAT = "moed-store"
 FORMAT_VERSION = 1

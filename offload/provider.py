@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from daemon.models.moe import group_by_expert, scatter_add
+from offload.routing import group_by_expert, scatter_add
 from offload.store import Store
 from quant.kernels import Backend, PreparedExpert, get_backend
 from quant.planes import PLANES

@@ -7,7 +7,7 @@ import mmap
 import os
 from pathlib import Path
 
-from daemon.errors import FormatError
+from offload.errors import FormatError
 
 DIRECT_ALIGN = 4096
 

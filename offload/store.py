@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from daemon.errors import FormatError
+from offload.errors import FormatError
 from offload.layout import ALIGN, MATRICES, ExpertLayout, section_name
 from offload.manifest import DENSE, EXPERTS, MANIFEST, TOKENIZER, ExpertExtent, Extent, FileEntry, Manifest, checksum
 from offload.reader import CountingReader

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from daemon.errors import MoedError
+from offload.errors import MoedError
 from offload.layout import MATRICES, ExpertLayout
 from offload.manifest import (DENSE, EXPERTS, MANIFEST, TOKENIZER, ExpertExtent, Extent, FileEntry, Manifest,
                               checksum)
