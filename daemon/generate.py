@@ -58,11 +58,13 @@ class TextStream:
         self.ids: list[int] = []
         self.emitted = 0  # characters of the full text already given out
         self.text = ""
+        self._confirmed = ""  # text of ids[:_read], complete characters only
+        self._prefix = self._read = 0  # window start / end of the confirmed ids
 
     def push(self, token: int) -> tuple[str, bool]:
         """Add a token; return (new text safe to emit, whether a stop string was hit)."""
         self.ids.append(token)
-        self.text = self.tokenizer.decode(self.ids)
+        self._decode_new()
         for s in self.stop:
             at = self.text.find(s, max(0, self.emitted - len(s)))
             if at >= 0:
@@ -77,6 +79,21 @@ class TextStream:
                     safe -= n
                     break
         return self._take(max(safe, self.emitted)), False
+
+    def _decode_new(self) -> None:
+        """Extend `text` by what the newest ids add, decoding a short window rather than everything.
+
+        The window starts one confirmed chunk back, so decoders that treat the start of a text
+        specially (a stripped leading space) do so for both texts compared.
+        """
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
+        now = self.tokenizer.decode(self.ids[self._prefix:])
+        added = now[len(before):]
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self._confirmed += added
+            self._prefix, self._read = self._read, len(self.ids)
+            added = ""
+        self.text = self._confirmed + added  # a provisional tail may end in an incomplete character
 
     def flush(self) -> str:
         """Everything not yet emitted."""

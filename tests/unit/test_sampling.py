@@ -99,3 +99,21 @@ def test_stream_holds_back_partial_utf8_and_prefixes():
     text, hit, pieces = run_stream("café ✓ and EN", ("END",))
     assert not hit and text == "café ✓ and EN"
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_stream_of_real_tokens_equals_full_decode(loaded):
+    """Windowed decoding gives exactly the text of decoding all ids, piece by piece."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    tok = loaded("qwen3_moe").tokenizer
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=60))
+    def check(text):
+        ids = tok.encode(text)
+        s = TextStream(tok, ())
+        pieces = [s.push(i)[0] for i in ids]
+        assert "".join(pieces) + s.flush() == tok.decode(ids)
+
+    check()
