@@ -14,7 +14,7 @@ from daemon.errors import MoedError
 
 DEFAULT_ARCH = "qwen3_moe"
 # Modules that add subcommands: each defines register(subparsers) and sets `func` on its parsers.
-COMMAND_MODULES: tuple[str, ...] = ("daemon.cli_convert", "daemon.cli_serve", "profiler.cli")
+COMMAND_MODULES: tuple[str, ...] = ("daemon.cli_convert", "daemon.cli_serve", "profiler.cli", "tui.cli")
 
 
 def default_model_path() -> Path:

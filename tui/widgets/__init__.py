@@ -1,0 +1,1 @@
+"""The panels of `moed top`, one widget per module."""
