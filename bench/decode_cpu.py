@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -40,24 +39,13 @@ OVERHEAD_DIMS = {"hidden_size": 64, "intermediate_size": 32, "head_dim": 16,
 
 def machine() -> dict:
     """A description of this machine for the results file."""
-    import psutil
-    import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from profiler.hardware import describe
     try:
         import llama_cpp
         llama_version = llama_cpp.__version__
     except ImportError:
         llama_version = None
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "python": platform.python_version(), "torch": torch.__version__, "llama_cpp_python": llama_version,
-            "platform": platform.platform()}
+    return {**describe(), "llama_cpp_python": llama_version}
 
 
 def build(args: argparse.Namespace) -> tuple[Path, Path]:

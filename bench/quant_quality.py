@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -41,14 +40,8 @@ QWEN3_30B = {"hidden_size": 2048, "moe_intermediate_size": 768, "layers": 48, "t
 
 def machine() -> dict:
     """What ran the benchmark."""
-    cpu = platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "platform": platform.platform()}
+    from profiler.hardware import describe
+    return describe()
 
 
 def mse(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -184,7 +177,7 @@ def qwen3_30b_bytes(group: int) -> dict:
 def markdown(res: dict) -> str:
     """The results as markdown tables."""
     L = ["# Bit-nested expert weights: quality and bytes", "",
-         f"Machine: {res['machine']['cpu']}, {res['machine']['threads']} threads, torch {res['machine']['torch']}. "
+         f"Machine: {res['machine']['cpu']}, {res['machine']['torch_threads']} threads, torch {res['machine']['torch']}. "
          f"Group size {res['group']}, scales/minimums float16. Command: `{res['command']}`.", "",
          "## Weight MSE of the r-bit view / MSE of direct min-max rounding at r bits", "",
          "Below 1: the view is better than rounding to r bits directly. ALGORITHMS.md quotes (msb, synthetic): "

@@ -35,15 +35,8 @@ SMALL = {"hidden_size": 1024, "moe_intermediate_size": 512, "intermediate_size":
 
 def machine() -> dict:
     """A description of this machine for the results file."""
-    import platform
-
-    import psutil
-    import torch
-
-    from daemon.resources import cpu_name
-    return {"cpu": cpu_name(), "logical_cpus": os.cpu_count(), "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "load_average_at_start": os.getloadavg()}
+    from profiler.hardware import describe
+    return describe()
 
 
 def build(work: Path, arch: str) -> Path:
@@ -249,7 +242,7 @@ def markdown(r: dict) -> str:
     lines = [
         "# moed serve under load", "",
         f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['ram_gib']} GiB RAM; torch {m['torch']}; "
-        f"load average at start {', '.join(f'{x:.1f}' for x in m['load_average_at_start'])} (the machine may be "
+        f"load average at start {', '.join(f'{x:.1f}' for x in m['load_average'])} (the machine may be "
         "shared with other work while measuring).",
         f"Model: random-weight {r['model']['arch']}, hidden {r['model']['hidden_size']}, "
         f"{r['model']['num_hidden_layers']} layers, {r['model']['num_experts']} experts top-"

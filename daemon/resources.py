@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import platform
 import resource
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import psutil
 import torch
+
+from profiler.hardware import cpu_facts
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,21 +56,10 @@ class LinkView:
     busy_seconds: float = 0.0
 
 
-def cpu_name() -> str:
-    """The CPU's model name."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def devices() -> list[DeviceView]:
     """The CPU (system RAM) and every CUDA device torch sees."""
     vm = psutil.virtual_memory()
-    out = [DeviceView("cpu", "cpu", cpu_name(), vm.total, vm.total - vm.available, torch.get_num_threads())]
+    out = [DeviceView("cpu", "cpu", cpu_facts().model, vm.total, vm.total - vm.available, torch.get_num_threads())]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             free, total = torch.cuda.mem_get_info(i)

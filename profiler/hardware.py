@@ -184,3 +184,17 @@ def machine_facts(store: str | os.PathLike | None = None, nvml: ModuleType | Non
     gpus, status = gpu_facts(nvml)
     return MachineFacts(socket.gethostname(), platform.platform(), platform.python_version(), cpu_facts(),
                         vm.total, vm.available, gpus, status, disk_facts(store) if store is not None else None)
+
+
+def describe() -> dict:
+    """A short description of this machine for benchmark results (no timing)."""
+    cpu = cpu_facts()
+    out = {"cpu": cpu.model, "logical_cpus": cpu.logical_cores,
+           "ram_gib": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version(),
+           "platform": platform.platform(), "load_average": [round(x, 2) for x in os.getloadavg()]}
+    try:
+        import torch
+        out.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+    except ImportError:
+        pass
+    return out
