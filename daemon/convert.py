@@ -11,8 +11,7 @@ import torch
 
 from daemon.errors import FormatError, MoedError
 from daemon.loaders import open_checkpoint
-from daemon.loaders.build import checked_tensor, hf_names
-from daemon.models import architecture
+from daemon.loaders.build import checked_tensor, hf_names, skeleton
 from offload.layout import MATRICES
 from offload.manifest import TOKENIZER, Manifest
 from offload.writer import StoreWriter
@@ -33,16 +32,8 @@ def convert(source: str | os.PathLike, out: str | os.PathLike, group_size: int =
     ckpt = open_checkpoint(source)
     if hasattr(ckpt, "expert_provider"):
         raise MoedError("already a moed model directory", source)
-    model_type = ckpt.config.get("model_type")
-    if not isinstance(model_type, str):
-        raise MoedError("config has no model_type", ckpt.path)
-    arch = architecture(model_type, str(ckpt.path))
-    args = arch.Args.from_config(ckpt.config, str(ckpt.path))
-    try:
-        with torch.device("meta"):
-            model = arch.Model(args)
-    except ValueError as e:
-        raise MoedError(f"unsupported configuration: {e}", ckpt.path) from None
+    arch, args, model = skeleton(ckpt)
+    model_type = args.model_type
     d, i, n_exp = args.hidden_size, args.moe_intermediate_size, args.num_experts
     if d % group_size or i % group_size:
         raise MoedError(f"group size {group_size} does not divide the expert widths (hidden {d}, "

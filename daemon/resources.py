@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 from dataclasses import dataclass, field
@@ -56,10 +57,16 @@ class LinkView:
     busy_seconds: float = 0.0
 
 
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name (read once: it does not change while the daemon runs)."""
+    return cpu_facts().model
+
+
 def devices() -> list[DeviceView]:
     """The CPU (system RAM) and every CUDA device torch sees."""
     vm = psutil.virtual_memory()
-    out = [DeviceView("cpu", "cpu", cpu_facts().model, vm.total, vm.total - vm.available, torch.get_num_threads())]
+    out = [DeviceView("cpu", "cpu", cpu_model(), vm.total, vm.total - vm.available, torch.get_num_threads())]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             free, total = torch.cuda.mem_get_info(i)

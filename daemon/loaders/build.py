@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from types import ModuleType
 from dataclasses import dataclass
 
 import torch
@@ -37,17 +38,8 @@ def hf_names(name: str, renames: tuple[tuple[str, str], ...]) -> list[str]:
     return out
 
 
-def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, bits: int | None = None,
-               kernel: str | None = None) -> LoadedModel:
-    """Load a Hugging Face folder, GGUF file or moed store into a runnable model.
-
-    `bits` (1..8) and `kernel` (a quant backend name) apply to moed stores: every routed expert is
-    read at that many bits and computed by that backend.
-    """
-    ckpt = open_checkpoint(path)
-    store = hasattr(ckpt, "expert_provider")
-    if bits is not None and not store:
-        raise MoedError("--bits needs a moed model directory (make one with `moed convert`)", ckpt.path)
+def skeleton(ckpt: Checkpoint) -> tuple[ModuleType, ModelArgs, CausalLM]:
+    """The checkpoint's architecture module, its args, and the model built on the meta device."""
     model_type = ckpt.config.get("model_type")
     if not isinstance(model_type, str):
         raise MoedError("config has no model_type", ckpt.path)
@@ -61,6 +53,21 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, bits
             model = arch.Model(args)
     except ValueError as e:
         raise MoedError(f"unsupported configuration: {e}", ckpt.path) from None
+    return arch, args, model
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, bits: int | None = None,
+               kernel: str | None = None) -> LoadedModel:
+    """Load a Hugging Face folder, GGUF file or moed store into a runnable model.
+
+    `bits` (1..8) and `kernel` (a quant backend name) apply to moed stores: every routed expert is
+    read at that many bits and computed by that backend.
+    """
+    ckpt = open_checkpoint(path)
+    store = hasattr(ckpt, "expert_provider")
+    if bits is not None and not store:
+        raise MoedError("--bits needs a moed model directory (make one with `moed convert`)", ckpt.path)
+    arch, args, model = skeleton(ckpt)
     renames = getattr(arch, "RENAMES", ())
     state = {}
     for name, p in model.state_dict().items():
