@@ -5,26 +5,44 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 from daemon.errors import MoedError
+from offload.cache import POLICIES as CACHE_POLICIES
 
-DEFAULT_ARCH = "qwen3_moe"
 # Modules that add subcommands: each defines register(subparsers) and sets `func` on its parsers.
 COMMAND_MODULES: tuple[str, ...] = ("daemon.cli_convert", "daemon.cli_serve", "profiler.cli", "tui.cli")
 
 
+DEFAULT_MODEL = Path(__file__).resolve().parent / "data" / "pydoc-moe"
+
+
 def default_model_path() -> Path:
-    """The built-in default model, created on first use in moed's data directory."""
-    home = Path(os.environ.get("MOED_HOME") or Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local/share") / "moed")
-    path = home / "models" / f"tiny-{DEFAULT_ARCH}"
-    if not (path / "config.json").exists():
-        from daemon.tiny import make_tiny_model
-        make_tiny_model(DEFAULT_ARCH, path, seed=0)
-    return path
+    """The built-in default model: a small Qwen3-MoE trained on the Python documentation
+    (tools/train_default_model.py; its model card is daemon/data/pydoc-moe/README.md)."""
+    if not (DEFAULT_MODEL / "config.json").exists():
+        raise MoedError("the built-in default model is missing from this installation", DEFAULT_MODEL)
+    return DEFAULT_MODEL
+
+
+def add_offload_args(p: argparse.ArgumentParser) -> None:
+    """--bits, --ram-budget, --vram-budget, --policy (for generate and serve)."""
+    p.add_argument("--bits", metavar="R", help="routed experts at R bits: 1-8 or auto (the most that fit "
+                   "--ram-budget); a model that is not a moed store is converted to one on first use")
+    p.add_argument("--ram-budget", metavar="SIZE", help="RAM for experts: bytes (512MiB, 2G) or a percentage of "
+                   "the experts' 8-bit bytes (25%%); the rest is read from flash when used")
+    p.add_argument("--vram-budget", metavar="SIZE", help="GPU memory for experts, same forms (needs a GPU)")
+    p.add_argument("--policy", choices=tuple(CACHE_POLICIES), help="expert cache policy (default moed)")
+
+
+def offload_options(a: argparse.Namespace):
+    """OffloadOptions from the flags of add_offload_args (None when none is given)."""
+    from daemon.config import load_config
+    cfg = load_config(None, env={}, flags={"bits": a.bits, "ram_budget": a.ram_budget,
+                                           "vram_budget": a.vram_budget, "policy": a.policy})
+    return cfg.offload()
 
 
 def cmd_make_tiny_model(a: argparse.Namespace) -> int:
@@ -55,14 +73,15 @@ def cmd_generate(a: argparse.Namespace) -> int:
         params.validate()
     except ValueError as e:
         raise MoedError(str(e)) from None
-    if (not a.in_process and getattr(a, "bits", None) is None and not a.record_trace
+    offload = offload_options(a)
+    if (not a.in_process and offload is None and not a.record_trace
             and (a.socket or a.tcp or not a.model)):
         # a running daemon serves it
         from daemon.client import daemon_target, generate_via_daemon
         target = daemon_target(a.socket, a.tcp)
         if target is not None:
             return generate_via_daemon(target, a.prompt, a.chat, params, a.model or "", a.json)
-    lm = load_model(a.model or default_model_path(), bits=a.bits)
+    lm = load_model(a.model or default_model_path(), offload=offload)
     if a.record_trace:  # profiler/trace.py documents the format
         from profiler.trace import record_trace
         record_trace(lm, a.record_trace)
@@ -112,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_make_tiny_model)
 
     g = sub.add_parser("generate", help="generate text from a prompt")
-    g.add_argument("--model", help="HF model folder or GGUF file (default: the built-in tiny model)")
+    g.add_argument("--model", help="HF model folder or GGUF file (default: the built-in pydoc-moe)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--max-tokens", type=int, default=64)
@@ -128,8 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tcp", metavar="HOST:PORT", help="talk to the daemon at this TCP address (token: $MOED_TOKEN)")
     g.add_argument("--in-process", action="store_true",
                    help="load the model here even if a daemon is running (the default without one, or with --model)")
-    g.add_argument("--bits", type=int, choices=range(1, 9), metavar="R",
-                   help="run every routed expert at R bits (1-8; moed model directories from `moed convert`)")
+    add_offload_args(g)
     g.add_argument("--record-trace", metavar="FILE", help="record every step's expert routing to FILE (runs in-process)")
     g.set_defaults(func=cmd_generate)
     for name in COMMAND_MODULES:

@@ -114,7 +114,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
     flags = {"model": a.model, "socket": a.socket, "tcp": a.tcp, "allow_remote": True if a.allow_remote else None,
              "token_file": a.token_file, "max_batch": a.max_batch, "max_queue": a.max_queue,
              "keep_alive": a.keep_alive, "grace_period": a.grace_period, "threads": a.threads,
-             "warmup": False if a.no_warmup else None, "log_level": a.log_level}
+             "warmup": False if a.no_warmup else None, "log_level": a.log_level, "bits": a.bits,
+             "ram_budget": a.ram_budget, "vram_budget": a.vram_budget, "policy": a.policy}
     return run_daemon(load_config(a.config, flags=flags))
 
 
@@ -163,14 +164,18 @@ def format_status(s) -> str:
     for t in s.tiers:
         lines.append(f"tier {t.name}: {t.used_bytes / 2**20:.1f} MiB of {t.budget_bytes / gib:.1f} GiB, "
                      f"{t.experts_resident}/{t.experts_total} experts, hit rate {t.hit_rate:.2f}")
+    for k in s.links:
+        lines.append(f"link {k.source}->{k.target}: {k.bytes_moved / 2**20:.1f} MiB in {k.transfers} transfers, "
+                     f"busy {k.busy_seconds:.2f} s")
     lines.append(f"memory: rss {s.rss_bytes / 2**20:.0f} MiB (peak {s.peak_rss_bytes / 2**20:.0f} MiB)")
     return "\n".join(lines)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `serve` and `status` to the moed command."""
+    from daemon.cli import add_offload_args
     s = sub.add_parser("serve", help="run the daemon (gRPC on a unix socket, optionally loopback TCP)")
-    s.add_argument("--model", help="model folder or GGUF file (default: the built-in tiny model)")
+    s.add_argument("--model", help="model folder or GGUF file (default: the built-in pydoc-moe)")
     s.add_argument("--socket", help="unix socket path (default: $XDG_RUNTIME_DIR/moed/moed.sock, "
                                     "/run/moed/moed.sock under systemd)")
     s.add_argument("--tcp", metavar="HOST:PORT", help="also listen on TCP (loopback unless --allow-remote)")
@@ -184,6 +189,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     s.add_argument("--no-warmup", action="store_true", help="serve without a warm-up generation")
     s.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    add_offload_args(s)
     s.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("status", help="print what the running daemon is doing")

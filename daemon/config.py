@@ -42,6 +42,20 @@ class Config:
     warmup: bool = True  # run a short generation after loading, before SERVING
     models_dir: str | None = None  # where ListModels looks; None: $MOED_HOME/models
     log_level: str = "info"
+    bits: str | None = None  # routed experts' bit-width, 1-8 or "auto"; None: 8 (stores) / as stored
+    ram_budget: str | None = None  # experts' RAM: bytes (512MiB, 2G) or a percentage of their 8-bit bytes
+    vram_budget: str | None = None  # experts' VRAM (GPU), same forms; None: no GPU expert tier
+    policy: str = "moed"  # expert cache policy: lru, lfu, score (HybriMoE) or moed
+
+    def offload(self) -> "OffloadOptions | None":
+        """Tiered-expert options when any of bits / ram_budget / vram_budget is set, else None."""
+        from offload.tiered import OffloadOptions
+
+        if self.bits is None and self.ram_budget is None and self.vram_budget is None:
+            return None
+        bits: int | str = 8 if self.bits is None else (self.bits if self.bits == "auto" else int(self.bits))
+        return OffloadOptions(bits=bits, ram_budget=self.ram_budget, vram_budget=self.vram_budget,
+                              policy=self.policy)
 
     def validate(self) -> None:
         """Raise MoedError naming the first bad value."""
@@ -59,6 +73,17 @@ class Config:
             raise MoedError(f"log_level must be debug, info, warning or error (got {self.log_level!r})")
         if self.tcp is not None:
             split_host_port(self.tcp)
+        if self.bits is not None and self.bits != "auto" and not (self.bits.isdigit() and 1 <= int(self.bits) <= 8):
+            raise MoedError(f"bits must be 1-8 or auto (got {self.bits!r})")
+        opts = self.offload()
+        try:
+            if opts is not None:
+                opts.validate()
+            else:
+                from offload.cache import make_cache_policy
+                make_cache_policy(self.policy, 1)
+        except ValueError as e:
+            raise MoedError(str(e)) from None
 
     @property
     def secret(self) -> str | None:
@@ -79,7 +104,8 @@ class Config:
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 KINDS = {"model": str, "socket": str, "tcp": str, "allow_remote": bool, "token": str, "token_file": str,
          "max_batch": int, "max_queue": int, "default_max_tokens": int, "keep_alive": "duration",
-         "grace_period": "duration", "threads": int, "warmup": bool, "models_dir": str, "log_level": str}
+         "grace_period": "duration", "threads": int, "warmup": bool, "models_dir": str, "log_level": str,
+         "bits": "amount", "ram_budget": "amount", "vram_budget": "amount", "policy": str}
 
 
 def load_config(file: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,
@@ -102,6 +128,13 @@ def load_config(file: str | os.PathLike | None = None, env: Mapping[str, str] | 
     cfg = Config(**values)
     cfg.validate()
     return cfg
+
+
+def moed_home() -> Path:
+    """moed's data directory: $MOED_HOME, else $XDG_DATA_HOME/moed, else ~/.local/share/moed."""
+    if os.environ.get("MOED_HOME"):
+        return Path(os.environ["MOED_HOME"])
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local/share") / "moed"
 
 
 def parse_duration(value: Any, where: str = "duration") -> float:
@@ -176,6 +209,8 @@ def _convert(name: str, value: Any, where: str, from_text: bool) -> Any:
             except ValueError:
                 pass
         raise MoedError(f"{where}: expected an integer, got {value!r}")
+    if kind == "amount" and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # bits = 4, ram_budget = 1073741824 in TOML
     if not isinstance(value, str):
         raise MoedError(f"{where}: expected a string, got {value!r}")
     return value or None

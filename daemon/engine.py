@@ -8,6 +8,7 @@ each sequence then samples with its own sampler and streams its token to its han
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import logging
 import math
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from daemon.config import Config
+from daemon.config import Config, moed_home
 from daemon.errors import MoedError
 from daemon.generate import TextStream
 from daemon.loaders.build import LoadedModel, load_model
@@ -120,10 +121,13 @@ class Engine:
     """Serves one model: accepts requests from any thread, runs them in batches on its loop thread."""
 
     def __init__(self, config: Config, metrics: Metrics | None = None,
-                 loader: Callable[[str], LoadedModel] = load_model,
+                 loader: Callable[[str], LoadedModel] | None = None,
                  on_state: Callable[[str], None] | None = None) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
+        if loader is None:
+            offload = config.offload()
+            loader = load_model if offload is None else functools.partial(load_model, offload=offload)
         self._loader, self.on_state = loader, on_state
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -529,9 +533,7 @@ class Engine:
         """Where ListModels looks for models."""
         if self.config.models_dir:
             return Path(self.config.models_dir)
-        home = os.environ.get("MOED_HOME") or Path(os.environ.get("XDG_DATA_HOME")
-                                                   or Path.home() / ".local/share") / "moed"
-        return Path(home) / "models"
+        return moed_home() / "models"
 
     def _install(self, lm: LoadedModel, path: str, seconds: float) -> None:
         """Make lm the served model (lock held)."""

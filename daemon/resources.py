@@ -5,12 +5,15 @@ from __future__ import annotations
 import functools
 import os
 import resource
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import psutil
 import torch
 
+from offload.views import LinkView, TierView
 from profiler.hardware import cpu_facts
+
+__all__ = ["DeviceView", "LinkView", "TierView", "cpu_model", "devices", "ram_tier", "rss_bytes"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,38 +26,6 @@ class DeviceView:
     memory_total: int
     memory_used: int
     threads: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class TierView:
-    """One place experts live, its budget and use; hits/misses/bytes moved are filled by tiered stores."""
-
-    name: str
-    device: str
-    budget: int
-    used: int
-    experts_resident: int
-    experts_total: int
-    hits: int = 0
-    misses: int = 0
-    experts_by_bits: dict[int, int] = field(default_factory=dict)
-
-    @property
-    def hit_rate(self) -> float:
-        """Share of expert uses served from this tier."""
-        n = self.hits + self.misses
-        return self.hits / n if n else 0.0
-
-
-@dataclass(frozen=True, slots=True)
-class LinkView:
-    """Traffic between two tiers (none yet: experts are all in RAM)."""
-
-    source: str
-    target: str
-    bytes_moved: int = 0
-    transfers: int = 0
-    busy_seconds: float = 0.0
 
 
 @functools.cache

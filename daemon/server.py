@@ -192,7 +192,7 @@ class MoedServicer:
         return pb.StatusResponse(
             version=__version__, uptime_seconds=time.monotonic() - self.started, state=state,
             model=wire.model_info(view) if view else None, devices=[wire.device(d) for d in devices()],
-            tiers=[wire.tier(t) for t in self._tiers()], queue=wire.queue_info(self.engine.queue_view()),
+            tiers=[wire.tier(t) for t in self._tiers()], links=[wire.link(k) for k in self._links()], queue=wire.queue_info(self.engine.queue_view()),
             listening=self.listening, pid=os.getpid(), rss_bytes=rss, peak_rss_bytes=peak,
             keep_alive_seconds=self.engine.config.keep_alive)
 
@@ -203,18 +203,24 @@ class MoedServicer:
             raise RequestError(f"interval_seconds must be in [0.01, 3600] (got {interval})")
         while context.is_active():
             experts = self.engine.expert_use() if request.include_experts else []
-            yield wire.snapshot(self.metrics.view(), self.engine.queue_view(), experts, self._tiers(), [],
-                                rss_bytes()[0])
+            yield wire.snapshot(self.metrics.view(), self.engine.queue_view(), experts, self._tiers(),
+                                self._links(), rss_bytes()[0])
             if self._stop.wait(interval):
                 return
 
     def _tiers(self):
-        view = self.engine.model_view()
-        if view is None or view.state != "loaded":
+        view, lm = self.engine.model_view(), self.engine.loaded
+        if view is None or view.state != "loaded" or lm is None:
             return []
+        if hasattr(lm.experts, "tier_views"):  # tiered experts report their own budgets and hits
+            return lm.experts.tier_views()
         uses = sum(sum(c) for _, c in self.engine.expert_use())
         bits = {"float32": 32, "float16": 16, "bfloat16": 16}.get(view.dtype, 0)
         return [ram_tier(view.expert_bytes, view.moe_layers * view.experts_per_layer, uses, bits)]
+
+    def _links(self):
+        lm = self.engine.loaded
+        return lm.experts.link_views() if lm is not None and hasattr(lm.experts, "link_views") else []
 
 
 @dataclass(slots=True)

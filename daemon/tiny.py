@@ -107,8 +107,8 @@ def corpus_text() -> str:
     return resources.files("daemon.data").joinpath("tiny_corpus.txt").read_text(encoding="utf-8")
 
 
-def train_tokenizer(vocab_size: int = 512) -> Tokenizer:
-    """A byte-level BPE with Qwen2's pre-tokenizer, trained on the repo's corpus."""
+def train_tokenizer(vocab_size: int = 512, texts: Iterable[str] | None = None) -> Tokenizer:
+    """A byte-level BPE with Qwen2's pre-tokenizer, trained on `texts` (default: the repo's corpus)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
@@ -117,7 +117,7 @@ def train_tokenizer(vocab_size: int = 512) -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(corpus_text().splitlines(keepends=True), trainer)
+    tok.train_from_iterator(corpus_text().splitlines(keepends=True) if texts is None else texts, trainer)
     return tok
 
 

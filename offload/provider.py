@@ -43,11 +43,7 @@ class StoreExperts:
 
     def experts(self, layer: int) -> "LayerExperts":
         """The callable routed experts of one MoE layer."""
-        if layer not in self._layers:
-            if layer not in self.store.layers:
-                raise KeyError(f"the store has no experts for layer {layer}")
-            self._layers[layer] = LayerExperts(self, layer)
-        return self._layers[layer]
+        return layer_experts(self, layer, LayerExperts)
 
     def ensure(self, layer: int, expert: int, bits: int | None = None) -> Resident:
         """The expert resident at >= `bits` (default: the provider's); reads only the sections it lacks."""
@@ -89,6 +85,15 @@ class StoreExperts:
     def resident_bytes(self) -> int:
         """Bytes held by the resident experts' compute forms."""
         return sum(r.form.nbytes for r in self._resident.values())
+
+
+def layer_experts(provider, layer: int, cls: type):
+    """provider's callable experts of one layer (made once, kept in provider._layers)."""
+    if layer not in provider._layers:
+        if layer not in provider.store.layers:
+            raise KeyError(f"the store has no experts for layer {layer}")
+        provider._layers[layer] = cls(provider, layer)
+    return provider._layers[layer]
 
 
 class LayerExperts:

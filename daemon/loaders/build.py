@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+from pathlib import Path
 from types import ModuleType
 from dataclasses import dataclass
 
 import torch
 
+from daemon.config import moed_home
 from daemon.errors import FormatError, MoedError
 from daemon.loaders import open_checkpoint
 from daemon.loaders.checkpoint import Checkpoint
@@ -16,6 +19,8 @@ from daemon.models.args import ModelArgs
 from daemon.models.moe import ExpertProvider, ExpertWeights, InMemoryExperts
 from daemon.models.transformer import CausalLM
 from daemon.tokenizer import Tokenizer
+from offload.manifest import MANIFEST
+from offload.tiered import OffloadOptions
 
 
 @dataclass(slots=True)
@@ -56,15 +61,40 @@ def skeleton(ckpt: Checkpoint) -> tuple[ModuleType, ModelArgs, CausalLM]:
     return arch, args, model
 
 
+def stored_copy(source: Path) -> Path:
+    """A moed store of a Hugging Face folder or GGUF file, converted on first use into moed's data
+    directory and found again by the source's path, size and modification time."""
+    from daemon.convert import convert
+
+    files = sorted(source.rglob("*")) if source.is_dir() else [source]
+    ident = [str(source.resolve())] + [f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+                                       for f in files if f.is_file()]
+    digest = hashlib.sha256("\n".join(ident).encode()).hexdigest()[:16]
+    out = moed_home() / "stores" / f"{source.name.removesuffix('.gguf')}-{digest}"
+    if not (out / MANIFEST).exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        convert(source, out, force=True)
+    return out
+
+
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, bits: int | None = None,
-               kernel: str | None = None) -> LoadedModel:
+               kernel: str | None = None, offload: OffloadOptions | None = None) -> LoadedModel:
     """Load a Hugging Face folder, GGUF file or moed store into a runnable model.
 
     `bits` (1..8) and `kernel` (a quant backend name) apply to moed stores: every routed expert is
-    read at that many bits and computed by that backend.
+    read at that many bits and computed by that backend. `offload` holds the experts within memory
+    budgets (a Hugging Face folder or GGUF file is converted to a store first, once, see stored_copy).
     """
+    if offload is not None:
+        try:
+            offload.validate()
+        except ValueError as e:
+            raise MoedError(str(e)) from None
     ckpt = open_checkpoint(path)
     store = hasattr(ckpt, "expert_provider")
+    if offload is not None and not store:
+        ckpt = open_checkpoint(stored_copy(ckpt.path))
+        store = True
     if bits is not None and not store:
         raise MoedError("--bits needs a moed model directory (make one with `moed convert`)", ckpt.path)
     arch, args, model = skeleton(ckpt)
@@ -78,7 +108,9 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, bits
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     if store:  # quantised experts stay in the store's form
-        provider = ckpt.expert_provider(args, model.moe_layers, bits, kernel)
+        provider = ckpt.expert_provider(args, model.moe_layers, bits, kernel, offload)
+        if hasattr(provider, "attach_routers"):
+            provider.attach_routers({i: model.model.layers[i].mlp.gate for i in model.moe_layers})
         return _finish(model, provider, ckpt, args)
     layers = {}
     e, d = args.num_experts, args.hidden_size

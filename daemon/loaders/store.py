@@ -3,6 +3,7 @@ a provider that serves the quantised experts at a chosen bit-width."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -16,10 +17,14 @@ from daemon.tokenizer import Tokenizer
 from offload.layout import MATRICES
 from offload.manifest import MANIFEST
 from offload.provider import StoreExperts
+from offload.tiered import OffloadOptions, TieredExperts, tiered_experts
 from offload.store import Store
 from quant.planes import PLANES
 
 DEFAULT_KERNEL = "reference"
+# tiered experts count their compute forms against the budgets: torch's int8/int4 forms hold about
+# a byte per weight at 8 bits where the reference's float32 form holds four
+OFFLOAD_KERNEL = "torch"
 
 
 class StoreCheckpoint(Checkpoint):
@@ -60,8 +65,9 @@ class StoreCheckpoint(Checkpoint):
                          info.get("chat_template"), dict(info.get("special") or {}))
 
     def expert_provider(self, args: ModelArgs, moe_layers: list[int], bits: int | None,
-                        kernel: str | None) -> StoreExperts:
-        """Every routed expert at `bits` bits (default 8), read and checked now, computed by `kernel`."""
+                        kernel: str | None, offload: OffloadOptions | None = None) -> StoreExperts | TieredExperts:
+        """Every routed expert at `bits` bits (default 8), read and checked now, computed by `kernel`;
+        with `offload`, experts held within its budgets and read on demand instead."""
         where = self.path / MANIFEST
         if self.store.layers != list(moe_layers):
             raise FormatError(f"the experts file has layers {self.store.layers} but the config implies "
@@ -77,6 +83,10 @@ class StoreCheckpoint(Checkpoint):
                 raise FormatError(f"layer {layer} has {self.store.n_experts(layer)} experts in the store "
                                   f"but the config says {args.num_experts}", where)
         try:
+            if offload is not None:
+                if bits is not None:
+                    offload = dataclasses.replace(offload, bits=bits)
+                return tiered_experts(self.store, offload, kernel or OFFLOAD_KERNEL, args.hidden_act)
             provider = StoreExperts(self.store, PLANES if bits is None else bits, kernel or DEFAULT_KERNEL,
                                     args.hidden_act)
         except ValueError as e:

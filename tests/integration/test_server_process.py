@@ -62,10 +62,10 @@ class FakeSystemd:
 
 
 @pytest.fixture()
-def home(tiny_model):
-    """Runtime dir (for the default socket) and MOED_HOME holding the built-in default model."""
+def home():
+    """Runtime dir (for the default socket) and an empty MOED_HOME (the default model ships in the package)."""
     root = Path(tempfile.mkdtemp(prefix="moed-p-", dir="/tmp"))
-    shutil.copytree(tiny_model("qwen3_moe"), root / "home" / "models" / "tiny-qwen3_moe")
+    (root / "home").mkdir()
     (root / "run").mkdir(mode=0o700)
     yield root
     shutil.rmtree(root, ignore_errors=True)
@@ -112,7 +112,7 @@ def test_readme_main_command_notify_and_sigterm_drain(home):
         ready = lines.index("READY=1")
         assert any(x.startswith("EXTEND_TIMEOUT_USEC=") for x in lines[:ready]), lines  # during the load
         assert any(x.startswith("STATUS=loading") for x in lines[:ready]), lines
-        assert lines[ready + 1].startswith("STATUS=serving tiny-qwen3_moe on unix:")
+        assert lines[ready + 1].startswith("STATUS=serving pydoc-moe on unix:")
         systemd.wait_for("WATCHDOG=1", timeout=5)
         assert stat.S_IMODE(sock.stat().st_mode) == 0o660
 
@@ -126,7 +126,7 @@ def test_readme_main_command_notify_and_sigterm_drain(home):
         assert "daemon" not in inproc and inproc["tokens"] == out["tokens"]
         assert inproc["prompt_tokens"] == out["prompt_tokens"]
         r = moed(home, "status")
-        assert r.returncode == 0 and "model: tiny-qwen3_moe (qwen3_moe" in r.stdout and "serving" in r.stdout
+        assert r.returncode == 0 and "model: pydoc-moe (qwen3_moe" in r.stdout and "serving" in r.stdout
 
         # SIGTERM while a stream runs: NOT_SERVING, new calls UNAVAILABLE, the stream finishes, exit 0
         stub = pb_grpc.MoedStub(grpc.insecure_channel(target))
@@ -158,12 +158,12 @@ def test_sigterm_after_the_grace_period_cancels_with_a_final_message(home):
     try:
         wait_serving(f"unix:{sock}", proc)
         stub = pb_grpc.MoedStub(grpc.insecure_channel(f"unix:{sock}"))
-        stream = stub.Generate(pb.GenerateRequest(text="never ends", max_tokens=4000, ignore_eos=True))
+        stream = stub.Generate(pb.GenerateRequest(text="never ends", max_tokens=2000, ignore_eos=True))
         next(stream)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         last = list(stream)[-1]
-        assert last.summary.finish_reason == pb.FINISH_REASON_SHUTDOWN and last.summary.generated_tokens < 4000
+        assert last.summary.finish_reason == pb.FINISH_REASON_SHUTDOWN and last.summary.generated_tokens < 2000
         assert proc.wait(30) == 0
         assert time.monotonic() - t0 < 10
     finally:
@@ -177,7 +177,7 @@ def test_a_second_sigterm_cancels_at_once(home):
     try:
         wait_serving(f"unix:{sock}", proc)
         stub = pb_grpc.MoedStub(grpc.insecure_channel(f"unix:{sock}"))
-        stream = stub.Generate(pb.GenerateRequest(text="never ends", max_tokens=4000, ignore_eos=True))
+        stream = stub.Generate(pb.GenerateRequest(text="never ends", max_tokens=2000, ignore_eos=True))
         next(stream)
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.5)

@@ -1,0 +1,625 @@
+"""Routed experts in tiers: RAM and an accelerator's memory within byte budgets; flash holds them all.
+
+An expert is resident in a tier at some bit-width r (its head and top r planes, as read from the
+store, plus its compute form); raising it to b bits reads only planes r..b-1. Every byte a tier
+holds is counted against its budget when it is reserved, before the read or copy that fills it,
+so a budget is never exceeded, transient copies included: an expert streamed from flash for one
+use holds a reservation until its computation ends.
+
+One layer's work (`LayerExperts.__call__`):
+1. the layer's routing gives its demand (expert -> tokens); the cache policy observes it;
+2. experts resident in the accelerator tier are submitted to the accelerator's compute worker;
+3. the missing experts are submitted to the flash I/O pool, hottest expert first (each waits for
+   room: unpinned experts are evicted lowest rank first, or it waits for a streamed one to end);
+4. meanwhile this thread computes the RAM-resident experts, lightest first, then each fetched
+   expert as its read completes; after its use the policy decides whether the expert stays;
+5. the next MoE layer's router applied to this layer's input predicts its experts; those not
+   resident are read ahead into free room (or over experts the policy ranks lower);
+6. results are summed in ascending expert order, whatever ran where, so the output is the same
+   as with every expert resident (bit for bit on one backend).
+
+An accelerator is a kernel backend with its own compute and copy workers: CUDA where there is a
+GPU; on a machine without one, tests emulate it on the CPU with a budget and workers of its own.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+import torch
+
+from offload.cache import CachePolicy, Key, Tier, make_cache_policy
+from offload.errors import MoedError
+from offload.provider import layer_experts
+from offload.routing import group_by_expert, scatter_add
+from offload.store import Store
+from quant.kernels import Backend, PreparedExpert, get_backend
+from offload.views import LinkView, TierView
+from quant.planes import PLANES
+
+
+STALL_SECONDS = 30.0  # a reservation that waits this long means the budget cannot serve the layer
+
+
+@dataclass(slots=True)
+class Held:
+    """An expert in a tier: its stored sections (RAM only), compute form, bit-width and bytes held."""
+
+    bits: int
+    sections: list
+    form: PreparedExpert
+    nbytes: int
+
+
+@dataclass(slots=True)
+class TierStats:
+    """Expert uses served from a tier (hits) or fetched into it (misses)."""
+
+    hits: int = 0
+    misses: int = 0
+    peak: int = 0
+
+
+class Accelerator:
+    """A device experts can run on while the CPU runs others: a backend plus compute and copy workers."""
+
+    def __init__(self, backend: Backend, device: str) -> None:
+        self.backend, self.device = backend, device
+        self.compute = ThreadPoolExecutor(1, thread_name_prefix="moed-accel")
+        self.copy = ThreadPoolExecutor(1, thread_name_prefix="moed-copy")
+
+    @classmethod
+    def create(cls, kind: str, cpu_backend: Backend) -> "Accelerator":
+        """'cuda' (needs a GPU) or 'emulated' (the CPU backend on workers of its own)."""
+        if kind == "cuda":
+            return cls(get_backend("cuda"), "cuda:0")
+        if kind == "emulated":
+            return cls(type(cpu_backend)(), "cpu (emulated accelerator)")
+        raise ValueError(f"unknown accelerator {kind!r} (known: cuda, emulated)")
+
+    def close(self) -> None:
+        """Stop the workers."""
+        self.compute.shutdown(wait=True)
+        self.copy.shutdown(wait=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Budgets:
+    """Byte budgets: RAM for experts (None: all of them), VRAM (0: no accelerator tier)."""
+
+    ram: int | None = None
+    vram: int = 0
+
+
+class ExpertSizes:
+    """Bytes of one expert of a store: stored sections at r bits, compute form per backend (measured)."""
+
+    def __init__(self, store: Store, act: str = "silu") -> None:
+        self.store, self.act = store, act
+        self._forms: dict[tuple[str, int], int] = {}
+
+    def raw(self, bits: int) -> int:
+        """Head plus top `bits` planes, as read from the store."""
+        return self.store.layout.section_offset(bits + 1)
+
+    def form(self, backend: Backend, bits: int) -> int:
+        """The compute form at `bits` (measured once, on the first layer's expert 0)."""
+        key = (backend.name, bits)
+        if key not in self._forms:
+            views = self.store.views(self.store.read_expert(self.store.layers[0], 0, bits), bits)
+            self._forms[key] = backend.prepare_expert(views, self.act).nbytes
+        return self._forms[key]
+
+    def ram(self, backend: Backend, bits: int, planes: bool) -> int:
+        """What an expert holds in RAM: its compute form, plus its stored planes if they are kept."""
+        return (self.raw(bits) if planes else 0) + self.form(backend, bits)
+
+
+class TieredExperts:
+    """Routed experts from a Store held in RAM / accelerator tiers under a cache policy."""
+
+    def __init__(self, store: Store, bits: int = PLANES, backend: str | Backend = "reference", act: str = "silu",
+                 budgets: Budgets = Budgets(), policy: str | CachePolicy = "moed",
+                 accelerator: Accelerator | None = None, io_threads: int = 2, prefetch: bool = True,
+                 sizes: ExpertSizes | None = None, keep_planes: bool | None = None) -> None:
+        if not 1 <= bits <= PLANES:
+            raise ValueError(f"bits must be in 1..{PLANES}, got {bits}")
+        self.store, self.bits, self.act = store, bits, act
+        self.backend = get_backend(backend) if isinstance(backend, str) else backend
+        self.policy = make_cache_policy(policy, len(store.layers)) if isinstance(policy, str) else policy
+        self.accel = accelerator
+        self.prefetch_enabled = prefetch
+        self.sizes = sizes or ExpertSizes(store, act)
+        # stored planes are kept beside the compute form only when asked (to raise an expert's bits
+        # by reading just the missing planes) or to make an accelerator's form from
+        self.keep_planes = keep_planes if keep_planes is not None else accelerator is not None
+        n_total = sum(store.n_experts(layer) for layer in store.layers)
+        self.experts_total = n_total
+        # no budget: room for every expert, and for one expert's planes while its form is made
+        ram = self.expert_bytes(bits) * n_total + self.raw_bytes(bits) if budgets.ram is None else int(budgets.ram)
+        self.tiers = {"ram": Tier("ram", ram), "vram": Tier("vram", int(budgets.vram) if accelerator else 0)}
+        one = self.sizes.ram(self.backend, bits, True)  # planes and form, until the planes go
+        if ram < one:
+            raise MoedError(f"the RAM budget ({ram} bytes) is smaller than one expert at {bits} bits "
+                               f"({one} bytes)")
+        self._held: dict[str, dict[Key, Held]] = {"ram": {}, "vram": {}}
+        self.stats = {"ram": TierStats(), "vram": TierStats()}
+        self.links = {"flash->ram": LinkView("flash", "ram"), "ram->vram": LinkView("ram", "vram")}
+        self._cv = threading.Condition()
+        self._pinned: dict[Key, int] = {}
+        self._busy: set[Key] = set()  # being read (their reservation is not evictable)
+        self._inflight: dict[Key, Future] = {}  # prefetches
+        self._io = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="moed-io")
+        # reads ahead on a worker of their own: a demand read may wait for one, never the reverse
+        self._ahead = ThreadPoolExecutor(1, thread_name_prefix="moed-ahead")
+        self._layers: dict[int, LayerExperts] = {}
+        self.routers: dict[int, torch.nn.Module] = {}
+        self.moe_layers = list(store.layers)
+
+    def raw_bytes(self, bits: int) -> int:
+        """Bytes of an expert's stored sections at `bits`."""
+        return self.sizes.raw(bits)
+
+    def form_bytes(self, backend: Backend, bits: int) -> int:
+        """Bytes of an expert's compute form in `backend` at `bits`."""
+        return self.sizes.form(backend, bits)
+
+    def expert_bytes(self, bits: int) -> int:
+        """Bytes one expert holds in RAM at `bits`: its compute form, plus its stored planes if kept."""
+        return self.sizes.ram(self.backend, bits, self.keep_planes)
+
+    # -- the provider interface --
+
+    def experts(self, layer: int) -> "LayerExperts":
+        """The callable routed experts of one MoE layer."""
+        return layer_experts(self, layer, LayerExperts)
+
+    def attach_routers(self, routers: dict[int, torch.nn.Module]) -> None:
+        """The MoE layers' routers, for predicting the next layer's experts (prefetch)."""
+        self.routers = dict(routers)
+
+    def preload(self, progress=None) -> None:
+        """Fill RAM in layer order while the budget allows (the rest is read on demand)."""
+        keys = [(layer, e) for layer in self.store.layers for e in range(self.store.n_experts(layer))]
+        for i, key in enumerate(keys):
+            if self.tiers["ram"].free() < self.expert_bytes(self.bits):
+                break
+            held = self._fetch(key, self.bits, evict=False)
+            if held is not None:
+                self._keep(key, held, force=True)
+            if progress is not None:
+                progress(i + 1, len(keys))
+
+    # -- memory --
+
+    def _evictable(self, tier: str) -> list[Key]:
+        return [k for k in self.tiers[tier].held if k not in self._pinned and k not in self._busy
+                and k in self._held[tier]]
+
+    def _reserve(self, tier: str, key: Key, nbytes: int, evict: bool, wait: bool = True) -> bool:
+        """Count nbytes for `key` in `tier` (lock held), evicting unpinned experts, lowest rank first,
+        and (with `wait`) waiting for streamed ones to end; False if there is no room without."""
+        t = self.tiers[tier]
+        if nbytes > t.capacity:
+            raise MoedError(f"an expert needs {nbytes} bytes but the {tier} budget is {t.capacity}")
+        while t.free() < nbytes:
+            if not evict:
+                return False
+            cands = self._evictable(tier)
+            if cands:
+                self._evict(tier, min(cands, key=lambda k: (self.policy.rank(k), k)))
+            elif not wait:
+                return False
+            elif not self._cv.wait(timeout=STALL_SECONDS):
+                raise MoedError(f"no room in the {tier} budget for expert {key} ({nbytes} bytes) after "
+                                f"{STALL_SECONDS:.0f} s: {t.used} of {t.capacity} bytes held by {dict(t.held)}, "
+                                f"pinned {sorted(self._pinned)}, being read {sorted(self._busy)}")
+        t.add(key, t.held.get(key, 0) + nbytes)
+        self.stats[tier].peak = max(self.stats[tier].peak, t.used)
+        return True
+
+    def _moved(self, link: str, nbytes: int, seconds: float) -> None:
+        """Count one transfer over a link (lock held)."""
+        k = self.links[link]
+        self.links[link] = LinkView(k.source, k.target, k.bytes_moved + nbytes, k.transfers + 1,
+                                    k.busy_seconds + seconds)
+
+    def _unpin(self, key: Key) -> None:
+        """One use of a pinned expert has ended (lock held)."""
+        n = self._pinned.get(key, 0) - 1
+        if n > 0:
+            self._pinned[key] = n
+        else:
+            self._pinned.pop(key, None)
+        self._cv.notify_all()
+
+    def _evict(self, tier: str, key: Key) -> None:
+        self._held[tier].pop(key, None)
+        self.tiers[tier].remove(key)
+        self._cv.notify_all()
+
+    def _release(self, tier: str, key: Key, nbytes: int) -> None:
+        t = self.tiers[tier]
+        left = t.held.get(key, 0) - nbytes
+        t.remove(key)
+        if left > 0:
+            t.add(key, left)
+        self._cv.notify_all()
+
+    # -- fetching --
+
+    def _fetch(self, key: Key, bits: int, evict: bool = True) -> Held | None:
+        """Read `key` at `bits` into RAM within the budget (only the planes a resident copy lacks)."""
+        layer, e = key
+        with self._cv:
+            old = self._held["ram"].get(key)
+            if old is not None and old.bits >= bits:
+                return old
+            self._busy.add(key)
+            try:
+                if old is not None and old.sections:  # only the missing planes and a new form...
+                    need = self.raw_bytes(bits) - self.raw_bytes(old.bits) + self.form_bytes(self.backend, bits)
+                    if not self._reserve("ram", key, need, evict, wait=False):
+                        old = None  # ...if they fit now; a read that waits holds nothing
+                if old is None or not old.sections:
+                    if key in self._held["ram"]:
+                        self._evict("ram", key)
+                    old = None
+                    need = self.raw_bytes(bits) + self.form_bytes(self.backend, bits)
+                    if not self._reserve("ram", key, need, evict):
+                        self._busy.discard(key)
+                        return None
+            except BaseException:
+                self._busy.discard(key)
+                raise
+        t0 = time.perf_counter()
+        try:
+            if old is None:
+                sections = self.store.read_expert(layer, e, bits)
+                got = self.raw_bytes(bits)
+            else:
+                sections = old.sections + self.store.read_sections(layer, e, old.bits + 1, bits + 1)
+                got = self.raw_bytes(bits) - self.raw_bytes(old.bits)
+            form = self.backend.prepare_expert(self.store.views(sections, bits), self.act)
+        except BaseException:
+            with self._cv:
+                self._busy.discard(key)
+                self._release("ram", key, need)
+            raise
+        with self._cv:
+            self._moved("flash->ram", got, time.perf_counter() - t0)
+            if old is not None:  # the old form is freed now: the tier keeps sections + new form
+                self._release("ram", key, old.form.nbytes)
+            if not self.keep_planes:  # only the compute form stays
+                self._release("ram", key, self.raw_bytes(bits))
+                sections = []
+            self._busy.discard(key)
+            self._cv.notify_all()
+        return Held(bits, sections, form, (self.raw_bytes(bits) if sections else 0) + form.nbytes)
+
+    def _keep(self, key: Key, held: Held, force: bool = False) -> bool:
+        """After a fetched expert's use: keep it in RAM if the policy admits it, else free it (lock taken)."""
+        with self._cv:
+            t = self.tiers["ram"]
+            t.remove(key)  # its reservation; re-added below if kept
+            self._held["ram"].pop(key, None)
+            pinned = [k for k in self._pinned if k != key] + [k for k in self._busy if k != key]
+            victims = [] if force and t.free() >= held.nbytes else self.policy.victims(key, held.nbytes, t, pinned)
+            kept = victims is not None and all(v in self._held["ram"] for v in victims)
+            if kept:
+                for v in victims:
+                    self._evict("ram", v)
+                kept = t.free() >= held.nbytes
+            if kept:
+                t.add(key, held.nbytes)
+                self._held["ram"][key] = held
+                self.stats["ram"].peak = max(self.stats["ram"].peak, t.used)
+            self._cv.notify_all()
+            return kept
+
+    def _to_accel(self, key: Key, held: Held) -> None:
+        """Copy an expert into the accelerator tier if the policy admits it there (copy worker)."""
+        if self.accel is None or self.tiers["vram"].capacity == 0:
+            return
+        nbytes = self.form_bytes(self.accel.backend, held.bits)
+        with self._cv:
+            if key in self._held["vram"] or key in self.tiers["vram"].held:
+                return
+            pinned = [k for k in self._pinned if k != key]
+            victims = self.policy.victims(key, nbytes, self.tiers["vram"], pinned)
+            if victims is None or not all(v in self._held["vram"] for v in victims):
+                return
+            for v in victims:
+                self._evict("vram", v)
+            if self.tiers["vram"].free() < nbytes:
+                return
+            self._reserve("vram", key, nbytes, evict=False)
+
+        def copy() -> None:
+            t0 = time.perf_counter()
+            form = self.accel.backend.prepare_expert(self.store.views(held.sections, held.bits), self.act)
+            with self._cv:
+                self._moved("ram->vram", form.nbytes, time.perf_counter() - t0)
+                self._held["vram"][key] = Held(held.bits, [], form, nbytes)
+                self._cv.notify_all()
+
+        self.accel.copy.submit(copy)
+
+    def _prefetch(self, key: Key) -> None:
+        """Read an expert ahead into free room, or over experts the policy ranks lower; never waits."""
+        with self._cv:
+            if key in self._held["ram"] or key in self._busy or key in self._inflight:
+                return
+            t = self.tiers["ram"]
+            need = self.expert_bytes(self.bits)
+            victims = self.policy.victims(key, need, t, list(self._pinned) + list(self._busy))
+            if victims is None or not all(v in self._held["ram"] for v in victims):
+                return
+            for v in victims:
+                self._evict("ram", v)
+            if t.free() < need:
+                return
+
+            def run() -> None:
+                try:
+                    held = self._fetch(key, self.bits, evict=False)
+                    if held is not None:
+                        self._keep(key, held)
+                finally:
+                    with self._cv:
+                        self._inflight.pop(key, None)
+
+            self._inflight[key] = self._ahead.submit(run)
+
+    # -- status --
+
+    def tier_views(self) -> list[TierView]:
+        """RAM and (with an accelerator) VRAM: budgets, bytes held, hits, bits of the resident experts."""
+        out = []
+        with self._cv:
+            for name in ("vram", "ram") if self.accel is not None else ("ram",):
+                t, s = self.tiers[name], self.stats[name]
+                by_bits: dict[int, int] = {}
+                for h in self._held[name].values():
+                    by_bits[h.bits] = by_bits.get(h.bits, 0) + 1
+                device = self.accel.device if name == "vram" else "cpu"
+                out.append(TierView(name, device, t.capacity, t.used, len(self._held[name]), self.experts_total,
+                                    s.hits, s.misses, by_bits))
+        return out
+
+    def link_views(self) -> list[LinkView]:
+        """Bytes moved over flash->RAM and RAM->VRAM."""
+        with self._cv:
+            return [k for k in self.links.values() if k.target != "vram" or self.accel is not None]
+
+    def resident(self, tier: str = "ram") -> dict[Key, int]:
+        """Resident experts of a tier and their bit-widths."""
+        with self._cv:
+            return {k: h.bits for k, h in self._held[tier].items()}
+
+    def held_bytes(self, tier: str = "ram") -> int:
+        """Bytes the tier's resident experts hold, counted from the experts themselves."""
+        with self._cv:
+            return sum(h.nbytes for h in self._held[tier].values())
+
+    def close(self) -> None:
+        """Stop the I/O and accelerator workers."""
+        for f in list(self._inflight.values()):
+            f.result()
+        self._ahead.shutdown(wait=True)
+        self._io.shutdown(wait=True)
+        if self.accel is not None:
+            self.accel.close()
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes read from the experts file so far."""
+        return self.store.reader.bytes_read
+
+
+class LayerExperts:
+    """One layer's routed experts, run where they are: x [T, D], routing -> sum_k w[t, k] * expert_k(x[t])."""
+
+    def __init__(self, provider: TieredExperts, layer: int) -> None:
+        self.p = provider
+        self.layer = layer
+
+    def __call__(self, x: torch.Tensor, routing) -> torch.Tensor:
+        p, layer, bits = self.p, self.layer, self.p.bits
+        groups = group_by_expert(routing)
+        counts = {e: int(tok.numel()) for e, tok, _ in groups}
+        with p._cv:
+            p.policy.observe(layer, counts, _router_scores(routing))
+            accel = [e for e in counts if (h := p._held["vram"].get((layer, e))) is not None and h.bits >= bits]
+            ram = [e for e in counts if e not in accel
+                   and (h := p._held["ram"].get((layer, e))) is not None and h.bits >= bits]
+            for e in accel + ram:  # used as held: pinned until its computation ends
+                p._pinned[(layer, e)] = p._pinned.get((layer, e), 0) + 1
+            missing = sorted((e for e in counts if e not in accel and e not in ram), key=lambda e: (-counts[e], e))
+            if p.accel is not None:
+                p.stats["vram"].hits += len(accel)
+                p.stats["vram"].misses += len(counts) - len(accel)
+            p.stats["ram"].hits += len(accel) + len(ram)
+            p.stats["ram"].misses += len(missing)
+            held = {e: p._held["vram"][(layer, e)] for e in accel}
+            held.update({e: p._held["ram"][(layer, e)] for e in ram})
+        unpinned: set[int] = set()
+
+        def unpin(e: int) -> None:
+            with p._cv:
+                unpinned.add(e)
+                p._unpin((layer, e))
+
+        try:
+            rows = {e: tok for e, tok, _ in groups}
+            fetches = {e: p._io.submit(_after, p._inflight.get((layer, e)), p._fetch, (layer, e), bits)
+                       for e in missing}
+            done: dict[int, torch.Tensor | Future] = {}
+            for e in accel:
+                done[e] = p.accel.compute.submit(p.accel.backend.ffn, x[rows[e]], held[e].form)
+                done[e].add_done_callback(lambda _f, e=e: unpin(e))
+            self._prefetch_next(x)
+            for e in sorted(ram, key=lambda e: (counts[e], e)):
+                done[e] = p.backend.ffn(x[rows[e]], held[e].form)
+                unpin(e)
+            while fetches:  # in the order reads complete: a streamed expert frees its room after its use
+                ready, _ = wait(list(fetches.values()), return_when=FIRST_COMPLETED)
+                for e in [e for e, f in fetches.items() if f in ready]:
+                    h = fetches.pop(e).result()
+                    done[e] = p.backend.ffn(x[rows[e]], h.form)
+                    if p._keep((layer, e), h):
+                        p._to_accel((layer, e), h)
+            out = torch.zeros_like(x)
+            for e, tok, wt in groups:  # ascending expert id, wherever each ran
+                y = done[e].result() if isinstance(done[e], Future) else done[e]
+                scatter_add(out, tok, y.to(device=x.device, dtype=x.dtype) * wt[:, None])
+            return out
+        finally:
+            for e, f in fetches.items() if "fetches" in locals() else ():  # after an error: settle the reads
+                try:
+                    p._keep((layer, e), f.result())
+                except Exception:  # noqa: BLE001 - the first error is the one raised
+                    pass
+            with p._cv:
+                for e in ram:
+                    if e not in unpinned:
+                        unpinned.add(e)
+                        p._unpin((layer, e))
+
+    def _prefetch_next(self, x: torch.Tensor) -> None:
+        """Predict the next MoE layer's experts with its router on this layer's input; read them ahead."""
+        p = self.p
+        if not p.prefetch_enabled or not p.routers:
+            return
+        i = p.moe_layers.index(self.layer)
+        if i + 1 >= len(p.moe_layers):
+            return
+        nxt = p.moe_layers[i + 1]
+        router = p.routers.get(nxt)
+        if router is None:
+            return
+        with torch.no_grad():
+            pred = router(x)
+        ranked = torch.bincount(pred.experts.reshape(-1), minlength=p.store.n_experts(nxt))
+        for e in ranked.argsort(descending=True, stable=True).tolist():
+            if ranked[e] == 0:
+                break
+            p._prefetch((nxt, e))
+
+
+def _after(prev: Future | None, fn, *args):
+    """fn(*args) once a prefetch of the same expert (if any) has finished."""
+    if prev is not None:
+        prev.result()
+    return fn(*args)
+
+
+def _router_scores(routing) -> dict[int, float]:
+    """Per expert, the mean over tokens of its router probability when among the token's top 2k."""
+    probs = routing.logits.float().softmax(-1)
+    k = min(2 * routing.experts.shape[-1], probs.shape[-1])
+    p, idx = probs.topk(k, dim=-1)
+    acc = torch.zeros(probs.shape[-1]).index_add_(0, idx.reshape(-1), p.reshape(-1)) / probs.shape[0]
+    return {e: v for e, v in enumerate(acc.tolist()) if v > 0}
+
+
+# -- options --
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+AUTO_BITS = (8, 6, 5, 4, 3, 2)
+
+
+def parse_amount(spec: str | int | float | None, what: str = "budget") -> tuple[int | None, float | None]:
+    """(bytes, None) from 123, "512MiB", "2G"; (None, share) from "25%"; (None, None) from None."""
+    if spec is None:
+        return None, None
+    if isinstance(spec, bool):
+        raise ValueError(f"{what}: expected bytes or a percentage, got {spec!r}")
+    if isinstance(spec, (int, float)):
+        if spec < 0:
+            raise ValueError(f"{what} must not be negative (got {spec})")
+        return int(spec), None
+    text = spec.strip().lower().replace(" ", "")
+    try:
+        if text.endswith("%"):
+            share = float(text[:-1]) / 100
+            if not 0 < share <= 10:
+                raise ValueError
+            return None, share
+        num = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = _UNITS[text[len(num):]]
+        value = float(num) * unit
+        if value < 0 or value != value:
+            raise ValueError
+        return int(value), None
+    except (KeyError, ValueError):
+        raise ValueError(f"{what}: expected bytes (e.g. 512MiB, 2G) or a percentage of the experts' "
+                         f"bytes (e.g. 25%), got {spec!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class OffloadOptions:
+    """How a store's experts are held: bits (1-8 or 'auto'), budgets, cache policy, accelerator.
+
+    Budgets are bytes or a percentage of what all routed experts hold in RAM at 8 bits; None: no
+    limit (RAM) or no accelerator tier (VRAM). 'auto' bits: the most of 8, 6, 5, 4, 3, 2 at which
+    every expert fits the RAM budget (4 when none does: streamed from flash at 4 bits).
+    accelerator: None (CUDA when there is a GPU and a VRAM budget), 'cuda' or 'emulated'.
+    """
+
+    bits: int | str = PLANES
+    ram_budget: str | int | None = None
+    vram_budget: str | int | None = None
+    policy: str = "moed"
+    accelerator: str | None = None
+    prefetch: bool = True
+    io_threads: int = 2
+
+    def validate(self) -> None:
+        """ValueError naming the first bad option."""
+        if self.bits != "auto" and not (isinstance(self.bits, int) and 1 <= self.bits <= PLANES):
+            raise ValueError(f"bits must be 1-{PLANES} or auto (got {self.bits!r})")
+        parse_amount(self.ram_budget, "RAM budget")
+        parse_amount(self.vram_budget, "VRAM budget")
+        make_cache_policy(self.policy, 1)
+        if self.accelerator not in (None, "cuda", "emulated"):
+            raise ValueError(f"accelerator must be cuda or emulated (got {self.accelerator!r})")
+        if self.io_threads < 1:
+            raise ValueError(f"io_threads must be >= 1 (got {self.io_threads})")
+
+
+def tiered_experts(store: Store, options: OffloadOptions, kernel: str = "reference",
+                   act: str = "silu") -> TieredExperts:
+    """A TieredExperts for a store under `options` (budgets resolved, bits chosen, RAM filled)."""
+    options.validate()
+    backend = get_backend(kernel)
+    n_total = sum(store.n_experts(layer) for layer in store.layers)
+    sizes = ExpertSizes(store, act)
+    ram_bytes, ram_share = parse_amount(options.ram_budget, "RAM budget")
+
+    def ram_at(bits: int) -> int | None:
+        if ram_share is not None:  # a share of every expert's bytes at the stored 8 bits
+            return int(ram_share * sizes.ram(backend, PLANES, False) * n_total)
+        return ram_bytes
+
+    bits = options.bits
+    if bits == "auto":
+        fits = [b for b in AUTO_BITS if ram_at(b) is None or ram_at(b) >= sizes.ram(backend, b, False) * n_total]
+        bits = fits[0] if fits else 4
+    accel = None
+    vram_bytes, vram_share = parse_amount(options.vram_budget, "VRAM budget")
+    kind = options.accelerator
+    if kind is None and (vram_bytes or vram_share) and torch.cuda.is_available():
+        kind = "cuda"
+    if kind is not None:
+        accel = Accelerator.create(kind, backend)
+        if vram_share is not None:
+            vram_bytes = int(vram_share * sizes.form(accel.backend, PLANES) * n_total)
+    provider = TieredExperts(store, bits, backend, act, Budgets(ram_at(bits), vram_bytes or 0), options.policy,
+                             accel, options.io_threads, options.prefetch, sizes)
+    provider.preload()
+    return provider

@@ -1,0 +1,193 @@
+"""Tiered experts (offload/tiered.py) on a converted tiny model: budgets, streaming, identical output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from daemon.convert import convert
+from daemon.generate import Summary, generate
+from daemon.loaders.build import load_model
+from daemon.sampling import SamplingParams
+from offload.provider import StoreExperts
+from offload.routing import Routing
+from offload.store import Store
+from offload.tiered import (Accelerator, Budgets, ExpertSizes, OffloadOptions, TieredExperts, parse_amount,
+                            tiered_experts)
+from quant.kernels import get_backend
+
+MOED = [sys.executable, "-m", "daemon.cli"]
+PROMPT = "The expert said that the cache"
+
+
+@pytest.fixture(scope="module")
+def store_dir(tiny_model, tmp_path_factory):
+    return convert(tiny_model("qwen3_moe"), tmp_path_factory.mktemp("tiered") / "store")
+
+
+def greedy(lm, n: int = 24, check=None) -> list[int]:
+    if check is not None:
+        lm.model.observe_routing(lambda layer, routing: check())
+    prompt = lm.tokenizer.encode(PROMPT)
+    s = Summary(prompt)
+    for _ in generate(lm, prompt, SamplingParams(max_tokens=n), s):
+        if check is not None:
+            check()
+    lm.model.observe_routing(None)
+    return list(s.tokens)
+
+
+def budget_checker(p: TieredExperts):
+    """Asserts, whenever called, that no tier holds more than its budget and the books agree."""
+    calls = []
+
+    def check() -> None:
+        calls.append(1)
+        for name, t in p.tiers.items():
+            assert t.used <= t.capacity, (name, t.used, t.capacity)
+            assert p.stats[name].peak <= t.capacity
+        assert p.held_bytes("ram") <= p.tiers["ram"].used
+
+    return check, calls
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("policy", ["moed", "lru", "score"])
+def test_quarter_ram_budget_streams_from_flash_and_generates_the_same_tokens(store_dir, bits, policy):
+    full = load_model(store_dir, bits=bits, kernel="torch")
+    assert isinstance(full.experts, StoreExperts)
+    want = greedy(full)
+    lm = load_model(store_dir, offload=OffloadOptions(bits=bits, ram_budget="25%", policy=policy))  # torch kernel
+    p = lm.experts
+    assert isinstance(p, TieredExperts) and p.bits == bits
+    total = p.expert_bytes(8) * p.experts_total  # a percentage is of the experts' 8-bit bytes
+    assert p.tiers["ram"].capacity == int(0.25 * total)
+    check, calls = budget_checker(p)
+    before = p.bytes_read
+    got = greedy(lm, check=check)
+    assert got == want
+    assert len(calls) > 24 * 2  # checked at every layer's routing and after every token
+    tier = p.tier_views()[0]
+    assert tier.name == "ram" and tier.misses > 0 and 0 < tier.hit_rate < 1
+    assert p.bytes_read - before > p.tiers["ram"].capacity  # it really streamed more than it can hold
+    link = {(k.source, k.target): k for k in p.link_views()}[("flash", "ram")]
+    assert link.bytes_moved >= p.bytes_read - before and link.transfers >= tier.misses
+    assert p.stats["ram"].peak <= p.tiers["ram"].capacity
+    p.close()
+
+
+def test_budget_smaller_than_one_expert_is_a_clear_error(store_dir):
+    with pytest.raises(Exception, match="smaller than one expert"):
+        load_model(store_dir, offload=OffloadOptions(ram_budget=1000))
+
+
+@pytest.mark.parametrize("spec,want", [("512MiB", (512 << 20, None)), ("2G", (2 * 10**9, None)),
+                                       ("25%", (None, 0.25)), (4096, (4096, None)), (None, (None, None))])
+def test_parse_amount(spec, want):
+    assert parse_amount(spec) == want
+
+
+@pytest.mark.parametrize("spec", ["lots", "-5", "0%", "12XB", True])
+def test_parse_amount_rejects(spec):
+    with pytest.raises(ValueError, match="expected bytes"):
+        parse_amount(spec)
+
+
+def routing_for(gen: torch.Generator, tokens: int, n_experts: int, k: int) -> Routing:
+    logits = torch.randn(tokens, n_experts, generator=gen)
+    w, idx = logits.softmax(-1).topk(k, dim=-1)
+    return Routing(idx, w / w.sum(-1, keepdim=True), logits)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_layer_output_equals_all_resident_whatever_the_placement(store_dir, data):
+    """Random budgets, policies, pre-resident experts (RAM and an emulated accelerator), token counts:
+    a layer's output is bit-identical to the all-resident provider's at the same bits (one backend)."""
+    store = Store(store_dir)
+    bits = data.draw(st.sampled_from([8, 5, 3]))
+    ref = StoreExperts(store, bits)
+    layers = store.layers
+    backend = get_backend("reference")
+    one = ExpertSizes(store).ram(backend, bits, True)  # an expert's planes and form: the least a budget holds
+    ram = data.draw(st.integers(1, 2 * len(layers) * store.n_experts(layers[0]))) * one
+    vram = data.draw(st.integers(0, 6)) * one
+    accel = Accelerator.create("emulated", backend) if vram else None
+    p = TieredExperts(store, bits, backend, budgets=Budgets(ram=ram, vram=vram), accelerator=accel,
+                      policy=data.draw(st.sampled_from(["lru", "lfu", "score", "moed"])),
+                      io_threads=data.draw(st.integers(1, 3)), prefetch=False)
+    for key in data.draw(st.lists(st.tuples(st.sampled_from(layers), st.integers(0, 7)), max_size=12)):
+        held = p._fetch(key, data.draw(st.integers(1, bits)), evict=True)
+        if p._keep(key, held):
+            p._to_accel(key, held)
+    if accel is not None:
+        accel.copy.submit(lambda: None).result()  # the copies above have landed
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    for _ in range(3):
+        layer = data.draw(st.sampled_from(layers))
+        x = torch.randn(data.draw(st.integers(1, 9)), store.layout.shapes[0][1], generator=gen)
+        r = routing_for(gen, x.shape[0], store.n_experts(layer), 2)
+        assert torch.equal(p.experts(layer)(x, r), ref.experts(layer)(x, r))
+        for name, t in p.tiers.items():
+            assert t.used <= t.capacity and p.stats[name].peak <= t.capacity
+    p.close()
+
+
+def test_auto_bits_picks_the_most_that_fit(store_dir):
+    store = Store(store_dir)
+    p = tiered_experts(store, OffloadOptions(bits="auto", ram_budget="60%"), kernel="torch")
+    fits = [b for b in (8, 6, 5, 4, 3, 2) if p.expert_bytes(b) * p.experts_total <= p.tiers["ram"].capacity]
+    assert p.bits == fits[0] < 8 and p.tiers["ram"].capacity == int(0.6 * p.expert_bytes(8) * p.experts_total)
+    p.close()
+    assert tiered_experts(store, OffloadOptions(bits="auto"), kernel="torch").bits == 8
+
+
+def test_prefetch_reads_the_next_layer_ahead(store_dir):
+    lm = load_model(store_dir, offload=OffloadOptions(bits=8, ram_budget="50%", prefetch=True))
+    greedy(lm, 8)
+    p = lm.experts
+    assert p.routers and p.link_views()[0].transfers > p.stats["ram"].misses  # misses + reads ahead
+    p.close()
+
+
+def run_cli(*args: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([*MOED, *args], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_cli_ram_budget_converts_once_and_matches(tiny_model, tmp_path):
+    import os
+    env = {**os.environ, "MOED_HOME": str(tmp_path / "home")}
+    base = ["generate", "--model", str(tiny_model("qwen3_moe")), "--prompt", PROMPT, "--max-tokens", "12", "--json"]
+    a = run_cli(*base, "--bits", "8", env=env)
+    b = run_cli(*base, "--ram-budget", "25%", "--policy", "lru", env=env)
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert json.loads(a.stdout)["tokens"] == json.loads(b.stdout)["tokens"]
+    assert len(list((tmp_path / "home" / "stores").iterdir())) == 1  # converted once, found again
+    r = run_cli(*base, "--ram-budget", "lots", env=env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "expected bytes" in r.stderr
+    r = run_cli(*base, "--bits", "9", env=env)
+    assert r.returncode == 2 and "bits must be 1-8 or auto" in r.stderr
+
+
+def test_status_and_watch_report_tiers_and_links(moed_server, monkeypatch, tmp_path):
+    from daemon.client import Client
+    from proto.moed.v1 import moed_pb2 as pb
+    monkeypatch.setenv("MOED_HOME", str(tmp_path))
+    server = moed_server(ram_budget="30%", policy="score")
+    with Client(f"unix:{server.socket_path}") as c:
+        list(c.stub.Generate(pb.GenerateRequest(text=PROMPT, max_tokens=6)))
+        s = c.status()
+        snap = next(iter(c.stub.Watch(pb.WatchRequest(interval_seconds=0.05))))
+    (ram,) = [t for t in s.tiers if t.name == "ram"]
+    p = server.engine.loaded.experts
+    assert ram.budget_bytes == p.tiers["ram"].capacity and 0 < ram.used_bytes <= ram.budget_bytes
+    assert ram.hits + ram.misses > 0 and ram.experts_by_bits == {8: ram.experts_resident}
+    (link,) = [k for k in s.links if (k.source, k.target) == ("flash", "ram")]
+    assert link.bytes_moved > 0 and link.transfers > 0
+    assert [t.name for t in snap.tiers] == ["ram"] and snap.links[0].bytes_moved >= link.bytes_moved
