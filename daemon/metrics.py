@@ -1,4 +1,4 @@
-"""Counters and timings of the engine for Status and Watch: plain numbers, no torch."""
+"""Counters and timings of the engine for Status and Watch, and the cost model's check of them: no torch."""
 
 from __future__ import annotations
 
@@ -8,6 +8,13 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
+
+from daemon.errors import MoedError
+from profiler.machine import CostTimes, load_machine
+from profiler.profile import default_profile_path
+from profiler.shapes import ModelShape
+from profiler.simulator import best_split
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,12 +24,13 @@ class Percentiles:
     count: int = 0
     p50: float = 0.0
     p90: float = 0.0
+    p95: float = 0.0
     p99: float = 0.0
     max: float = 0.0
 
 
 def percentiles(values: Iterable[float]) -> Percentiles:
-    """p50/p90/p99/max of values by the nearest-rank rule (zeros when empty)."""
+    """p50/p90/p95/p99/max of values by the nearest-rank rule (zeros when empty)."""
     v = sorted(values)
     if not v:
         return Percentiles()
@@ -31,7 +39,7 @@ def percentiles(values: Iterable[float]) -> Percentiles:
         k = max(1, math.ceil(q * len(v) - 1e-9))  # 1-based rank; the epsilon absorbs float drift
         return v[k - 1]
 
-    return Percentiles(len(v), rank(0.50), rank(0.90), rank(0.99), v[-1])
+    return Percentiles(count=len(v), p50=rank(0.50), p90=rank(0.90), p95=rank(0.95), p99=rank(0.99), max=v[-1])
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +59,7 @@ class MetricsView:
     prompt_tokens_total: int
     generated_tokens_total: int
     steps_total: int
+    decode_steps: dict[int, tuple[int, float]]  # batch size -> (decode-only steps, their seconds) in the window
 
 
 class Window:
@@ -87,6 +96,8 @@ class Metrics:
         self._ttft = Window(latency_window)
         self._itl = Window(latency_window)
         self._step = Window(latency_window)
+        self._decode_step = Window(latency_window)  # steps with no prefill: their seconds ...
+        self._decode_batch = Window(latency_window)  # ... and batch sizes, added together
         self._reasons: Counter[str] = Counter()
         self._requests = self._prompt_tokens = self._generated = self._steps = 0
 
@@ -106,6 +117,9 @@ class Metrics:
                 self._prefill.add(now, prefill_tokens)
             if decode_tokens:
                 self._decode.add(now, decode_tokens)
+                if not prefill_tokens:
+                    self._decode_step.add(now, seconds)
+                    self._decode_batch.add(now, batch)
 
     def record_token(self, since_previous: float, first: bool) -> None:
         """A token went out: time to first token, or the gap since the previous one."""
@@ -127,6 +141,10 @@ class Metrics:
             up = now - self.started
             span = max(min(self.rate_window, up), 1e-9)
             batches = self._batch.values(now)
+            decode: dict[int, tuple[int, float]] = {}
+            for b, sec in zip(self._decode_batch.values(now), self._decode_step.values(now)):
+                n, total = decode.get(int(b), (0, 0.0))
+                decode[int(b)] = (n + 1, total + sec)
             return MetricsView(
                 uptime_seconds=up, window_seconds=self.rate_window,
                 prefill_tokens_per_second=sum(self._prefill.values(now)) / span,
@@ -136,4 +154,93 @@ class Metrics:
                 mean_batch_size=sum(batches) / len(batches) if batches else 0.0,
                 requests_total=self._requests, finished_by_reason=dict(self._reasons),
                 prompt_tokens_total=self._prompt_tokens, generated_tokens_total=self._generated,
-                steps_total=self._steps)
+                steps_total=self._steps, decode_steps=decode)
+
+
+@dataclass(frozen=True, slots=True)
+class CostCheck:
+    """The cost model's decode step time against the measured one; `problem` says why there is none."""
+
+    machine: str
+    problem: str = ""
+    predicted: float = 0.0  # seconds per decode step, mean over the measured steps' batch sizes
+    measured: float = 0.0  # mean seconds of the decode-only steps
+    steps: int = 0
+    batch: float = 0.0
+    context: float = 0.0
+    bits: int = 0
+
+    @property
+    def relative_error(self) -> float:
+        """(predicted - measured) / measured; 0 without a measurement."""
+        return (self.predicted - self.measured) / self.measured if self.measured else 0.0
+
+
+def routed_counts(tokens: int, experts: int, top_k: int) -> tuple[int, ...]:
+    """Tokens per expert when `tokens` tokens each pick `top_k` of `experts` uniformly: expected distinct
+    experts, the tokens spread evenly over them."""
+    picks = tokens * top_k
+    distinct = round(experts * (1 - (1 - top_k / experts) ** tokens))
+    distinct = min(max(distinct, top_k), experts, picks)
+    return tuple(picks // distinct + (i < picks % distinct) for i in range(distinct))
+
+
+class StepPredictor:
+    """Decode step times of a model from `moed profile`'s machine profile (re-read when the file changes)."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
+        self._key: tuple | None = None  # (profile path, its mtime, model, bits) of what _loaded holds
+        self._loaded: tuple[str, CostTimes | str] = ("", "")  # machine description, op times or a problem
+
+    def profile_path(self) -> Path:
+        """The profile this predictor reads (this machine's stored one unless given)."""
+        return self.path or default_profile_path()
+
+    def check(self, model: str, config: dict, bits: int, view: MetricsView) -> CostCheck | None:
+        """Predicted vs measured decode step time of `model` (its config.json dict); None: no profile."""
+        path = self.profile_path()
+        try:
+            key = (str(path), path.stat().st_mtime_ns, model, bits)
+        except OSError:
+            return None
+        if key != self._key:
+            self._key, self._loaded = key, _load_times(path, config, bits)
+        machine, times = self._loaded
+        if isinstance(times, str):
+            return CostCheck(machine, problem=times, bits=bits)
+        steps = sum(n for n, _ in view.decode_steps.values())
+        done = sum(view.finished_by_reason.values())
+        context = (view.prompt_tokens_total + view.generated_tokens_total / 2) / done if done else 0.0
+        if not steps:
+            return CostCheck(machine, context=context, bits=bits)
+        try:
+            predicted = sum(n * decode_step_seconds(times, b, int(context)) for b, (n, _) in view.decode_steps.items())
+        except (KeyError, ValueError) as e:  # UnknownOp is a KeyError
+            return CostCheck(machine, problem=f"the profile cannot time this model: {e}", bits=bits)
+        return CostCheck(machine, predicted=predicted / steps,
+                         measured=sum(s for _, s in view.decode_steps.values()) / steps, steps=steps,
+                         batch=sum(b * n for b, (n, _) in view.decode_steps.items()) / steps, context=context,
+                         bits=bits)
+
+
+def _load_times(path: Path, config: dict, bits: int) -> tuple[str, CostTimes | str]:
+    try:
+        machine = load_machine(path)
+    except MoedError as e:
+        return "", f"cannot read the profile: {e}"
+    try:
+        return machine.description, machine.times(ModelShape.from_config(config), bits)
+    except (KeyError, ValueError) as e:
+        return machine.description, f"the profile cannot time this model: {e}"
+
+
+def decode_step_seconds(times: CostTimes, batch: int, context: int) -> float:
+    """One decode step of `batch` sequences: every layer's attention, then its routed experts (all resident,
+    the best GPU/CPU split, tokens spread as routed_counts says) or its dense MLP."""
+    shape = times.shape
+    counts = routed_counts(batch, shape.num_experts, shape.top_k)
+    moe = set(shape.moe_layers)
+    return sum(times.attention(batch, context) +
+               (best_split(times, batch, counts) if layer in moe else times.dense_mlp(batch))
+               for layer in range(shape.num_layers))

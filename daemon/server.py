@@ -23,10 +23,10 @@ from daemon.config import Config
 from daemon.engine import Engine, model_name
 from daemon.errors import MoedError
 from daemon.listen import check_tcp, default_socket, grpc_tcp_target, prepare_socket
-from daemon.metrics import Metrics
+from daemon.metrics import CostCheck, Metrics, MetricsView, StepPredictor
 from daemon.records import TokenEvent
 from daemon.request_errors import RequestError
-from daemon.resources import devices, ram_tier, rss_bytes
+from daemon.resources import CpuMeter, devices, gpu_note, ram_tier, rss_bytes
 from proto.moed.v1 import moed_pb2 as pb
 
 log = logging.getLogger("moed.server")
@@ -139,6 +139,7 @@ class MoedServicer:
     def __init__(self, engine: Engine, metrics: Metrics, listening: list[str], stop: threading.Event) -> None:
         self.engine, self.metrics, self.listening, self._stop = engine, metrics, listening, stop
         self.started = time.monotonic()
+        self.cpu = CpuMeter()  # Status reports the CPUs' busy share since the previous Status
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
         """Stream a generation."""
@@ -189,10 +190,12 @@ class MoedServicer:
         view = self.engine.model_view()
         rss, peak = rss_bytes()
         state = pb.SERVING_STATE_DRAINING if self._stop.is_set() else SERVING_STATES[self.engine.state]
+        devs = devices(self.cpu)
         return pb.StatusResponse(
             version=__version__, uptime_seconds=time.monotonic() - self.started, state=state,
-            model=wire.model_info(view) if view else None, devices=[wire.device(d) for d in devices()],
-            tiers=[wire.tier(t) for t in self._tiers()], links=[wire.link(k) for k in self._links()], queue=wire.queue_info(self.engine.queue_view()),
+            model=wire.model_info(view) if view else None, devices=[wire.device(d) for d in devs],
+            gpu_note=gpu_note(devs), tiers=[wire.tier(t) for t in self._tiers()],
+            links=[wire.link(k) for k in self._links()], queue=wire.queue_info(self.engine.queue_view()),
             listening=self.listening, pid=os.getpid(), rss_bytes=rss, peak_rss_bytes=peak,
             keep_alive_seconds=self.engine.config.keep_alive)
 
@@ -201,12 +204,47 @@ class MoedServicer:
         interval = request.interval_seconds or 1.0
         if not math.isfinite(interval) or not 0.01 <= interval <= 3600:
             raise RequestError(f"interval_seconds must be in [0.01, 3600] (got {interval})")
+        predictor = StepPredictor()
         while context.is_active():
-            experts = self.engine.expert_use() if request.include_experts else []
-            yield wire.snapshot(self.metrics.view(), self.engine.queue_view(), experts, self._tiers(),
-                                self._links(), rss_bytes()[0])
+            experts = self._experts() if request.include_experts else []
+            metrics = self.metrics.view()
+            yield wire.snapshot(metrics, self.engine.queue_view(), experts, self._tiers(), self._links(),
+                                rss_bytes()[0], self._cost_check(predictor, metrics))
             if self._stop.wait(interval):
                 return
+
+    def _bits(self) -> int:
+        """The bit-width the served model's experts are computed at (tiered: the provider's)."""
+        view, lm = self.engine.model_view(), self.engine.loaded
+        if lm is not None and hasattr(lm.experts, "bits"):
+            return lm.experts.bits
+        return {"float32": 32, "float16": 16, "bfloat16": 16}.get(view.dtype, 0) if view else 0
+
+    def _experts(self) -> list[tuple[int, list[int], list[tuple[str, int]]]]:
+        """Per MoE layer: use counts and each expert's (tier, bits): tiered experts say where they are; else
+        all are in RAM at the model's precision."""
+        lm, use = self.engine.loaded, self.engine.expert_use()
+        p = lm.experts if lm is not None else None
+        if hasattr(p, "tier_views"):  # tiered: resident(tier) -> {(layer, expert): bits}
+            ram, vram = p.resident("ram"), p.resident("vram")
+
+            def where(key: tuple[int, int]) -> tuple[str, int]:
+                return ("vram", vram[key]) if key in vram else ("ram", ram[key]) if key in ram else ("flash", 0)
+        elif hasattr(p, "ensure"):  # a store read on first use: resident(layer, expert) -> Resident | None
+            def where(key: tuple[int, int]) -> tuple[str, int]:
+                r = p.resident(*key)
+                return ("ram", r.bits) if r is not None else ("flash", 0)
+        else:
+            bits = self._bits()
+            return [(layer, c, [("ram", bits)] * len(c)) for layer, c in use]
+        return [(layer, c, [where((layer, e)) for e in range(len(c))]) for layer, c in use]
+
+    def _cost_check(self, predictor: StepPredictor, metrics: MetricsView) -> CostCheck | None:
+        """The cost model's decode step time against the measured one (None: no machine profile)."""
+        view, lm = self.engine.model_view(), self.engine.loaded
+        if view is None or view.state != "loaded" or lm is None:
+            return None
+        return predictor.check(view.path, lm.args.raw, self._bits(), metrics)
 
     def _tiers(self):
         view, lm = self.engine.model_view(), self.engine.loaded
@@ -215,8 +253,7 @@ class MoedServicer:
         if hasattr(lm.experts, "tier_views"):  # tiered experts report their own budgets and hits
             return lm.experts.tier_views()
         uses = sum(sum(c) for _, c in self.engine.expert_use())
-        bits = {"float32": 32, "float16": 16, "bfloat16": 16}.get(view.dtype, 0)
-        return [ram_tier(view.expert_bytes, view.moe_layers * view.experts_per_layer, uses, bits)]
+        return [ram_tier(view.expert_bytes, view.moe_layers * view.experts_per_layer, uses, self._bits())]
 
     def _links(self):
         lm = self.engine.loaded

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from daemon.metrics import MetricsView, Percentiles
+from daemon.metrics import CostCheck, MetricsView, Percentiles
 from daemon.records import Finished, GenRequest, ModelView, Prompt, QueueView, TokenEvent
 from daemon.resources import DeviceView, LinkView, TierView
 from daemon.sampling import SamplingParams
@@ -14,6 +14,7 @@ FINISH_REASONS = {
     "stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH, "cancelled": pb.FINISH_REASON_CANCELLED,
     "deadline": pb.FINISH_REASON_DEADLINE, "shutdown": pb.FINISH_REASON_SHUTDOWN,
 }
+EXPERT_TIERS = {"flash": pb.EXPERT_TIER_FLASH, "ram": pb.EXPERT_TIER_RAM, "vram": pb.EXPERT_TIER_VRAM}
 MODEL_STATES = {"loading": pb.MODEL_STATE_LOADING, "loaded": pb.MODEL_STATE_LOADED,
                 "idle_unloaded": pb.MODEL_STATE_IDLE_UNLOADED, "available": pb.MODEL_STATE_AVAILABLE}
 
@@ -84,7 +85,8 @@ def queue_info(q: QueueView) -> pb.QueueInfo:
 def device(d: DeviceView) -> pb.Device:
     """Device message."""
     return pb.Device(name=d.name, kind=d.kind, description=d.description, memory_total_bytes=d.memory_total,
-                     memory_used_bytes=d.memory_used, threads=d.threads)
+                     memory_used_bytes=d.memory_used, threads=d.threads, utilization=d.utilization,
+                     pcie_tx_bytes_per_second=d.pcie_tx, pcie_rx_bytes_per_second=d.pcie_rx)
 
 
 def tier(t: TierView) -> pb.MemoryTier:
@@ -102,12 +104,26 @@ def link(k: LinkView) -> pb.LinkStats:
 
 def percentiles(p: Percentiles) -> pb.Percentiles:
     """Percentiles message."""
-    return pb.Percentiles(count=p.count, p50=p.p50, p90=p.p90, p99=p.p99, max=p.max)
+    return pb.Percentiles(count=p.count, p50=p.p50, p90=p.p90, p95=p.p95, p99=p.p99, max=p.max)
 
 
-def snapshot(m: MetricsView, q: QueueView, experts: list[tuple[int, list[int]]], tiers: list[TierView],
-             links: list[LinkView], rss: int) -> pb.MetricsSnapshot:
-    """One Watch message."""
+def expert_use(layer: int, counts: list[int], held: list[tuple[str, int]]) -> pb.LayerExpertUse:
+    """One layer's expert use counts and where each expert is held ((tier, bits) per expert, or none)."""
+    return pb.LayerExpertUse(layer=layer, counts=counts, bits=[b for _, b in held],
+                             tier=[EXPERT_TIERS[t] for t, _ in held])
+
+
+def cost_model(c: CostCheck) -> pb.CostModelCheck:
+    """CostModelCheck message."""
+    return pb.CostModelCheck(problem=c.problem, predicted_step_seconds=c.predicted, measured_step_seconds=c.measured,
+                             relative_error=c.relative_error, steps=c.steps, batch=c.batch, context=c.context,
+                             bits=c.bits, machine=c.machine)
+
+
+def snapshot(m: MetricsView, q: QueueView, experts: list[tuple[int, list[int], list[tuple[str, int]]]],
+             tiers: list[TierView], links: list[LinkView], rss: int, cost: CostCheck | None = None
+             ) -> pb.MetricsSnapshot:
+    """One Watch message; experts: (layer, use counts, (tier, bits) per expert)."""
     return pb.MetricsSnapshot(
         timestamp=time.time(), uptime_seconds=m.uptime_seconds, window_seconds=m.window_seconds,
         prefill_tokens_per_second=m.prefill_tokens_per_second, decode_tokens_per_second=m.decode_tokens_per_second,
@@ -115,6 +131,5 @@ def snapshot(m: MetricsView, q: QueueView, experts: list[tuple[int, list[int]]],
         step_seconds=percentiles(m.step), queue=queue_info(q), requests_total=m.requests_total,
         finished_by_reason=m.finished_by_reason, prompt_tokens_total=m.prompt_tokens_total,
         generated_tokens_total=m.generated_tokens_total,
-        expert_use=[pb.LayerExpertUse(layer=layer, counts=c) for layer, c in experts],
-        tiers=[tier(t) for t in tiers], links=[link(k) for k in links], rss_bytes=rss,
-        mean_batch_size=m.mean_batch_size)
+        expert_use=[expert_use(*e) for e in experts], tiers=[tier(t) for t in tiers], links=[link(k) for k in links],
+        rss_bytes=rss, mean_batch_size=m.mean_batch_size, cost_model=cost_model(cost) if cost else None)

@@ -1,8 +1,17 @@
-"""Metrics: nearest-rank percentiles, windows that forget, rates over the window."""
+"""Metrics: nearest-rank percentiles, windows that forget, rates over the window; the cost model's check."""
 
 from __future__ import annotations
 
-from daemon.metrics import Metrics, percentiles
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from daemon.metrics import CostCheck, Metrics, StepPredictor, percentiles, routed_counts
+
+PROFILE = Path(__file__).resolve().parents[2] / "bench" / "results" / "profile_this_machine.json"
 
 
 class Clock:
@@ -15,7 +24,8 @@ class Clock:
 
 def test_percentiles_nearest_rank():
     p = percentiles(range(1, 101))
-    assert (p.count, p.p50, p.p90, p.p99, p.max) == (100, 50, 90, 99, 100)
+    assert (p.count, p.p50, p.p90, p.p95, p.p99, p.max) == (100, 50, 90, 95, 99, 100)
+    assert percentiles(range(1, 21)).p95 == 19 and percentiles(range(1, 11)).p95 == 10
     assert percentiles([]).count == 0
     one = percentiles([0.3])
     assert one.p50 == one.p99 == one.max == 0.3
@@ -37,6 +47,7 @@ def test_rates_and_latencies_cover_their_windows():
     assert v.ttft.count == 1 and v.ttft.p50 == 0.5 and v.inter_token.p90 == 0.02
     assert v.mean_batch_size == (10 * 4 + 1) / 11 and v.steps_total == 11
     assert v.finished_by_reason == {"length": 1} and v.generated_tokens_total == 11
+    assert v.decode_steps == {4: (10, pytest.approx(0.1))}  # the prefill step is not a decode step
     clock.t += 11  # the rate window has passed, the latency window has not
     v = m.view()
     assert v.decode_tokens_per_second == 0 and v.inter_token.count == 10
@@ -50,3 +61,63 @@ def test_rate_early_in_life_uses_the_uptime():
     clock.t += 2
     m.record_step(0.01, 1, 0, 10)
     assert m.view().decode_tokens_per_second == 5.0
+
+
+def test_routed_counts_spread_the_picks_over_the_expected_distinct_experts():
+    assert routed_counts(1, 8, 2) == (1, 1)
+    assert routed_counts(4, 8, 2) == (2, 2, 2, 1, 1)  # 8 * (1 - (3/4)^4) = 5.5 -> 5 experts
+    assert routed_counts(100, 8, 2) == (25,) * 8
+    assert all(sum(routed_counts(b, 128, 8)) == 8 * b for b in (1, 3, 16, 64))
+
+
+@pytest.fixture
+def tiny_config(tiny_model) -> tuple[str, dict]:
+    path = tiny_model("qwen3_moe")
+    return str(path), json.loads((path / "config.json").read_text())
+
+
+def decode_metrics() -> Metrics:
+    clock = Clock()
+    m = Metrics(clock=clock)
+    for b in (1, 2, 2, 4):
+        m.record_step(0.01 * b, batch=b, prefill_tokens=0, decode_tokens=b)
+    m.record_step(0.5, batch=1, prefill_tokens=40, decode_tokens=0)
+    m.record_finish("length", prompt_tokens=40)
+    return m
+
+
+def test_step_predictor_without_a_profile_says_none(tmp_path, tiny_config):
+    assert StepPredictor(tmp_path / "profile.json").check(*tiny_config, 32, decode_metrics().view()) is None
+
+
+def test_step_predictor_reads_the_stored_profile(tmp_path, monkeypatch, tiny_config):
+    monkeypatch.setenv("MOED_STATE_DIR", str(tmp_path))
+    p = StepPredictor()
+    assert p.profile_path() == tmp_path / "profile.json" and p.check(*tiny_config, 32, decode_metrics().view()) is None
+    shutil.copy(PROFILE, tmp_path / "profile.json")
+    c = p.check(*tiny_config, 32, decode_metrics().view())
+    assert isinstance(c, CostCheck) and not c.problem and c.steps == 4 and c.bits == 32
+    assert c.measured == pytest.approx((0.01 + 0.02 + 0.02 + 0.04) / 4) and c.batch == 2.25 and c.context == 40
+    assert 0 < c.predicted < 1 and c.relative_error == pytest.approx((c.predicted - c.measured) / c.measured)
+    assert "measured on" in c.machine
+    at8 = p.check(*tiny_config, 8, decode_metrics().view())
+    assert at8.predicted != c.predicted  # another bit-width times other kernels
+    one = Metrics()
+    one.record_step(0.01, batch=1, prefill_tokens=0, decode_tokens=1)
+    two = Metrics()
+    two.record_step(0.01, batch=2, prefill_tokens=0, decode_tokens=2)
+    assert p.check(*tiny_config, 32, two.view()).predicted > p.check(*tiny_config, 32, one.view()).predicted
+    assert p.check(*tiny_config, 32, Metrics().view()).steps == 0  # a profile but nothing measured yet
+
+
+def test_step_predictor_reports_a_bad_profile_and_rereads_a_new_one(tmp_path, tiny_config):
+    path = tmp_path / "profile.json"
+    path.write_text("{not json")
+    p = StepPredictor(path)
+    c = p.check(*tiny_config, 32, decode_metrics().view())
+    assert c.problem.startswith("cannot read the profile") and c.predicted == 0
+    shutil.copy(PROFILE, path)
+    os.utime(path, ns=(1, 1))  # a different mtime than the bad file's
+    assert not p.check(*tiny_config, 32, decode_metrics().view()).problem
+    cfg = {k: v for k, v in tiny_config[1].items() if k != "num_experts"}
+    assert "cannot time this model" in p.check("other", cfg, 32, decode_metrics().view()).problem

@@ -1,4 +1,4 @@
-"""Devices panel: CPU, RAM and GPUs as the daemon reports them."""
+"""Devices panel: CPU, RAM and GPUs (utilisation, memory, PCIe traffic) as the daemon reports them."""
 
 from __future__ import annotations
 
@@ -6,6 +6,19 @@ from textual.widgets import Static
 
 from proto.moed.v1 import moed_pb2 as pb
 from tui.widgets.format import NA, size
+
+
+def device_lines(d: pb.Device) -> list[str]:
+    """One device: name, utilisation, memory (used / total), threads, model; a GPU adds its PCIe traffic."""
+    util = f"{d.utilization:4.0%}" if d.HasField("utilization") else f"{NA:>4}"
+    mem = f"{size(d.memory_used_bytes)} / {size(d.memory_total_bytes)}" if d.memory_total_bytes else NA
+    threads = f"  {d.threads} threads" if d.threads else ""
+    lines = [f"{d.name:<7} {util}  {mem}{threads}  {d.description}"]
+    if d.kind == "cuda":
+        tx = f"{size(d.pcie_tx_bytes_per_second)}/s" if d.HasField("pcie_tx_bytes_per_second") else NA
+        rx = f"{size(d.pcie_rx_bytes_per_second)}/s" if d.HasField("pcie_rx_bytes_per_second") else NA
+        lines.append(f"{'':<7} pcie  to gpu {rx}  from gpu {tx}")
+    return lines
 
 
 class DevicesPanel(Static, can_focus=True):
@@ -32,13 +45,12 @@ class DevicesPanel(Static, can_focus=True):
         self._render_lines()
 
     def _render_lines(self) -> None:
-        lines = []
-        devices = list(self.daemon_status.devices) if self.daemon_status else []
+        st = self.daemon_status
+        devices = list(st.devices) if st else []
+        lines = [f"{'':<7} {'busy':>4}  memory"] if devices else []
         for d in devices:
-            mem = f"{size(d.memory_used_bytes)} / {size(d.memory_total_bytes)}" if d.memory_total_bytes else NA
-            threads = f"  {d.threads} threads" if d.threads else ""
-            lines.append(f"{d.name:<7} {mem}{threads}  {d.description}")
-        if not any(d.kind == "cuda" for d in devices):
-            lines.append(f"gpu     {NA}")
-        lines.append(f"daemon  rss {size(self.rss)}" + (f"  pid {self.daemon_status.pid}" if self.daemon_status else ""))
+            lines += device_lines(d)
+        if st and not any(d.kind == "cuda" for d in devices):
+            lines.append(f"gpu     {st.gpu_note or NA}")
+        lines.append(f"daemon  rss {size(self.rss)}" + (f"  pid {st.pid}" if st else ""))
         self.update("\n".join(lines))

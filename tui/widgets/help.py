@@ -16,9 +16,11 @@ moed top: a live view of a moed daemon
   ?               this help (escape or ? closes it)
 
 Panels: throughput (tokens/s), requests (queue, TTFT and inter-token
-latency percentiles), memory tiers (used of budget, hit rate, link
-bytes/s), expert heatmap (recent use per layer and expert), devices,
-cost model (predicted vs measured step time, n/a when not reported)."""
+latency p50/p95), memory tiers (used of budget, hit rate, link bytes/s),
+expert heatmap (colour: recent use per layer and expert; text: the tier
+it is held in, v vram / r ram / f flash, and its bits), devices (CPU,
+RAM; GPU use, memory and PCIe traffic from NVML), cost model (predicted
+vs measured decode step time; needs a profile from `moed profile`)."""
 
 
 class HelpScreen(ModalScreen[None]):

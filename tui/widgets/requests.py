@@ -23,7 +23,7 @@ class RequestsPanel(Static, can_focus=True):
         self.update("\n".join([
             f"active   {q.running:>4} / {q.max_batch}    queued {q.waiting:>4} / {q.max_queue}",
             f"total    {s.requests_total:>4}    completed {q.completed}    rejected {q.rejected}",
-            f"TTFT     p50 {ms(t.p50, t.count):>10}   p90 {ms(t.p90, t.count):>10}   (n={t.count})",
-            f"ITL      p50 {ms(i.p50, i.count):>10}   p90 {ms(i.p90, i.count):>10}   (n={i.count})",
+            f"TTFT     p50 {ms(t.p50, t.count):>10}   p95 {ms(t.p95, t.count):>10}   (n={t.count})",
+            f"ITL      p50 {ms(i.p50, i.count):>10}   p95 {ms(i.p95, i.count):>10}   (n={i.count})",
             f"finished {done}",
         ]))

@@ -31,6 +31,13 @@ class ServingState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SERVING_STATE_SERVING: _ClassVar[ServingState]
     SERVING_STATE_DRAINING: _ClassVar[ServingState]
     SERVING_STATE_NO_MODEL: _ClassVar[ServingState]
+
+class ExpertTier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXPERT_TIER_UNSPECIFIED: _ClassVar[ExpertTier]
+    EXPERT_TIER_FLASH: _ClassVar[ExpertTier]
+    EXPERT_TIER_RAM: _ClassVar[ExpertTier]
+    EXPERT_TIER_VRAM: _ClassVar[ExpertTier]
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -47,6 +54,10 @@ SERVING_STATE_STARTING: ServingState
 SERVING_STATE_SERVING: ServingState
 SERVING_STATE_DRAINING: ServingState
 SERVING_STATE_NO_MODEL: ServingState
+EXPERT_TIER_UNSPECIFIED: ExpertTier
+EXPERT_TIER_FLASH: ExpertTier
+EXPERT_TIER_RAM: ExpertTier
+EXPERT_TIER_VRAM: ExpertTier
 
 class ChatMessage(_message.Message):
     __slots__ = ("role", "content")
@@ -243,20 +254,26 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Device(_message.Message):
-    __slots__ = ("name", "kind", "description", "memory_total_bytes", "memory_used_bytes", "threads")
+    __slots__ = ("name", "kind", "description", "memory_total_bytes", "memory_used_bytes", "threads", "utilization", "pcie_tx_bytes_per_second", "pcie_rx_bytes_per_second")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     MEMORY_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
     THREADS_FIELD_NUMBER: _ClassVar[int]
+    UTILIZATION_FIELD_NUMBER: _ClassVar[int]
+    PCIE_TX_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    PCIE_RX_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     description: str
     memory_total_bytes: int
     memory_used_bytes: int
     threads: int
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., description: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., threads: _Optional[int] = ...) -> None: ...
+    utilization: float
+    pcie_tx_bytes_per_second: int
+    pcie_rx_bytes_per_second: int
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., description: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ..., memory_used_bytes: _Optional[int] = ..., threads: _Optional[int] = ..., utilization: _Optional[float] = ..., pcie_tx_bytes_per_second: _Optional[int] = ..., pcie_rx_bytes_per_second: _Optional[int] = ...) -> None: ...
 
 class MemoryTier(_message.Message):
     __slots__ = ("name", "device", "budget_bytes", "used_bytes", "experts_resident", "experts_total", "hits", "misses", "hit_rate", "experts_by_bits")
@@ -322,7 +339,7 @@ class QueueInfo(_message.Message):
     def __init__(self, running: _Optional[int] = ..., waiting: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_queue: _Optional[int] = ..., completed: _Optional[int] = ..., rejected: _Optional[int] = ..., engine_steps: _Optional[int] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = ("version", "uptime_seconds", "state", "model", "devices", "tiers", "links", "queue", "listening", "pid", "rss_bytes", "peak_rss_bytes", "keep_alive_seconds")
+    __slots__ = ("version", "uptime_seconds", "state", "model", "devices", "tiers", "links", "queue", "listening", "pid", "rss_bytes", "peak_rss_bytes", "keep_alive_seconds", "gpu_note")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -336,6 +353,7 @@ class StatusResponse(_message.Message):
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     PEAK_RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     KEEP_ALIVE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    GPU_NOTE_FIELD_NUMBER: _ClassVar[int]
     version: str
     uptime_seconds: float
     state: ServingState
@@ -349,7 +367,8 @@ class StatusResponse(_message.Message):
     rss_bytes: int
     peak_rss_bytes: int
     keep_alive_seconds: float
-    def __init__(self, version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., state: _Optional[_Union[ServingState, str]] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., tiers: _Optional[_Iterable[_Union[MemoryTier, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[LinkStats, _Mapping]]] = ..., queue: _Optional[_Union[QueueInfo, _Mapping]] = ..., listening: _Optional[_Iterable[str]] = ..., pid: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., keep_alive_seconds: _Optional[float] = ...) -> None: ...
+    gpu_note: str
+    def __init__(self, version: _Optional[str] = ..., uptime_seconds: _Optional[float] = ..., state: _Optional[_Union[ServingState, str]] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., tiers: _Optional[_Iterable[_Union[MemoryTier, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[LinkStats, _Mapping]]] = ..., queue: _Optional[_Union[QueueInfo, _Mapping]] = ..., listening: _Optional[_Iterable[str]] = ..., pid: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., peak_rss_bytes: _Optional[int] = ..., keep_alive_seconds: _Optional[float] = ..., gpu_note: _Optional[str] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("interval_seconds", "include_experts")
@@ -360,29 +379,57 @@ class WatchRequest(_message.Message):
     def __init__(self, interval_seconds: _Optional[float] = ..., include_experts: _Optional[bool] = ...) -> None: ...
 
 class Percentiles(_message.Message):
-    __slots__ = ("count", "p50", "p90", "p99", "max")
+    __slots__ = ("count", "p50", "p90", "p99", "max", "p95")
     COUNT_FIELD_NUMBER: _ClassVar[int]
     P50_FIELD_NUMBER: _ClassVar[int]
     P90_FIELD_NUMBER: _ClassVar[int]
     P99_FIELD_NUMBER: _ClassVar[int]
     MAX_FIELD_NUMBER: _ClassVar[int]
+    P95_FIELD_NUMBER: _ClassVar[int]
     count: int
     p50: float
     p90: float
     p99: float
     max: float
-    def __init__(self, count: _Optional[int] = ..., p50: _Optional[float] = ..., p90: _Optional[float] = ..., p99: _Optional[float] = ..., max: _Optional[float] = ...) -> None: ...
+    p95: float
+    def __init__(self, count: _Optional[int] = ..., p50: _Optional[float] = ..., p90: _Optional[float] = ..., p99: _Optional[float] = ..., max: _Optional[float] = ..., p95: _Optional[float] = ...) -> None: ...
 
 class LayerExpertUse(_message.Message):
-    __slots__ = ("layer", "counts")
+    __slots__ = ("layer", "counts", "bits", "tier")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
     layer: int
     counts: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, layer: _Optional[int] = ..., counts: _Optional[_Iterable[int]] = ...) -> None: ...
+    bits: _containers.RepeatedScalarFieldContainer[int]
+    tier: _containers.RepeatedScalarFieldContainer[ExpertTier]
+    def __init__(self, layer: _Optional[int] = ..., counts: _Optional[_Iterable[int]] = ..., bits: _Optional[_Iterable[int]] = ..., tier: _Optional[_Iterable[_Union[ExpertTier, str]]] = ...) -> None: ...
+
+class CostModelCheck(_message.Message):
+    __slots__ = ("problem", "predicted_step_seconds", "measured_step_seconds", "relative_error", "steps", "batch", "context", "bits", "machine")
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RELATIVE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    MACHINE_FIELD_NUMBER: _ClassVar[int]
+    problem: str
+    predicted_step_seconds: float
+    measured_step_seconds: float
+    relative_error: float
+    steps: int
+    batch: float
+    context: float
+    bits: int
+    machine: str
+    def __init__(self, problem: _Optional[str] = ..., predicted_step_seconds: _Optional[float] = ..., measured_step_seconds: _Optional[float] = ..., relative_error: _Optional[float] = ..., steps: _Optional[int] = ..., batch: _Optional[float] = ..., context: _Optional[float] = ..., bits: _Optional[int] = ..., machine: _Optional[str] = ...) -> None: ...
 
 class MetricsSnapshot(_message.Message):
-    __slots__ = ("timestamp", "uptime_seconds", "window_seconds", "prefill_tokens_per_second", "decode_tokens_per_second", "ttft_seconds", "inter_token_seconds", "step_seconds", "queue", "requests_total", "finished_by_reason", "prompt_tokens_total", "generated_tokens_total", "expert_use", "tiers", "links", "rss_bytes", "mean_batch_size")
+    __slots__ = ("timestamp", "uptime_seconds", "window_seconds", "prefill_tokens_per_second", "decode_tokens_per_second", "ttft_seconds", "inter_token_seconds", "step_seconds", "queue", "requests_total", "finished_by_reason", "prompt_tokens_total", "generated_tokens_total", "expert_use", "tiers", "links", "rss_bytes", "mean_batch_size", "cost_model")
     class FinishedByReasonEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -408,6 +455,7 @@ class MetricsSnapshot(_message.Message):
     LINKS_FIELD_NUMBER: _ClassVar[int]
     RSS_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEAN_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    COST_MODEL_FIELD_NUMBER: _ClassVar[int]
     timestamp: float
     uptime_seconds: float
     window_seconds: float
@@ -426,4 +474,5 @@ class MetricsSnapshot(_message.Message):
     links: _containers.RepeatedCompositeFieldContainer[LinkStats]
     rss_bytes: int
     mean_batch_size: float
-    def __init__(self, timestamp: _Optional[float] = ..., uptime_seconds: _Optional[float] = ..., window_seconds: _Optional[float] = ..., prefill_tokens_per_second: _Optional[float] = ..., decode_tokens_per_second: _Optional[float] = ..., ttft_seconds: _Optional[_Union[Percentiles, _Mapping]] = ..., inter_token_seconds: _Optional[_Union[Percentiles, _Mapping]] = ..., step_seconds: _Optional[_Union[Percentiles, _Mapping]] = ..., queue: _Optional[_Union[QueueInfo, _Mapping]] = ..., requests_total: _Optional[int] = ..., finished_by_reason: _Optional[_Mapping[str, int]] = ..., prompt_tokens_total: _Optional[int] = ..., generated_tokens_total: _Optional[int] = ..., expert_use: _Optional[_Iterable[_Union[LayerExpertUse, _Mapping]]] = ..., tiers: _Optional[_Iterable[_Union[MemoryTier, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[LinkStats, _Mapping]]] = ..., rss_bytes: _Optional[int] = ..., mean_batch_size: _Optional[float] = ...) -> None: ...
+    cost_model: CostModelCheck
+    def __init__(self, timestamp: _Optional[float] = ..., uptime_seconds: _Optional[float] = ..., window_seconds: _Optional[float] = ..., prefill_tokens_per_second: _Optional[float] = ..., decode_tokens_per_second: _Optional[float] = ..., ttft_seconds: _Optional[_Union[Percentiles, _Mapping]] = ..., inter_token_seconds: _Optional[_Union[Percentiles, _Mapping]] = ..., step_seconds: _Optional[_Union[Percentiles, _Mapping]] = ..., queue: _Optional[_Union[QueueInfo, _Mapping]] = ..., requests_total: _Optional[int] = ..., finished_by_reason: _Optional[_Mapping[str, int]] = ..., prompt_tokens_total: _Optional[int] = ..., generated_tokens_total: _Optional[int] = ..., expert_use: _Optional[_Iterable[_Union[LayerExpertUse, _Mapping]]] = ..., tiers: _Optional[_Iterable[_Union[MemoryTier, _Mapping]]] = ..., links: _Optional[_Iterable[_Union[LinkStats, _Mapping]]] = ..., rss_bytes: _Optional[int] = ..., mean_batch_size: _Optional[float] = ..., cost_model: _Optional[_Union[CostModelCheck, _Mapping]] = ...) -> None: ...
