@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,61 +21,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# Layer shapes of real models (their config.json), the layer count is set by --layers.
-SHAPES = {
-    "olmoe": {"hidden_size": 2048, "intermediate_size": 1024, "num_attention_heads": 16,
-              "num_key_value_heads": 16, "head_dim": 128, "num_experts": 64, "num_experts_per_tok": 8,
-              "vocab_size": 50304},
-    "qwen3_moe": {"hidden_size": 2048, "intermediate_size": 6144, "moe_intermediate_size": 768,
-                  "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 128, "num_experts": 128,
-                  "num_experts_per_tok": 8, "vocab_size": 151936},
-}
-MODEL_NAMES = {"olmoe": "OLMoE-1B-7B", "qwen3_moe": "Qwen3-30B-A3B"}
+from bench._common import (MODEL_NAMES, SHAPES, WorkerError, gguf_file, llama_decode, llama_prefill,  # noqa: E402
+                           machine, prompt_tokens, random_model, run_worker)
+
 # The same structure with tiny matrices: what is left of a decode step is overhead.
 OVERHEAD_DIMS = {"hidden_size": 64, "intermediate_size": 32, "head_dim": 16,
                  "vocab_size": 512}
 
 
-def machine() -> dict:
-    """A description of this machine for the results file."""
-    from profiler.hardware import describe
-    try:
-        import llama_cpp
-        llama_version = llama_cpp.__version__
-    except ImportError:
-        llama_version = None
-    return {**describe(), "llama_cpp_python": llama_version}
-
-
 def build(args: argparse.Namespace) -> tuple[Path, Path]:
     """The benchmark GGUF (realistic shapes) and the overhead HF folder (tiny shapes), cached in --work."""
-    import torch
-    from daemon.gguf_export import export_gguf
-    from daemon.tiny import make_tiny_model
-
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     cfg = {**SHAPES[args.arch], "num_hidden_layers": args.layers}
-    tag = f"{args.arch}-L{args.layers}-{args.qtype}"
-    gguf = work / f"{tag}.gguf"
+    gguf = work / f"{args.arch}-L{args.layers}-{args.qtype}.gguf"
     if not gguf.exists():
-        hf = work / f"{args.arch}-L{args.layers}-hf"
-        if not (hf / "config.json").exists():
-            print(f"building random {MODEL_NAMES[args.arch]}-shaped model, {args.layers} layers ...", file=sys.stderr)
-            make_tiny_model(args.arch, hf, seed=0, config=cfg, dtype=torch.bfloat16)
-        print(f"writing {gguf.name} ...", file=sys.stderr)
-        export_gguf(hf, gguf, args.qtype)
-    small = work / f"{args.arch}-L{args.layers}-overhead"
-    if not (small / "config.json").exists():
-        make_tiny_model(args.arch, small, seed=0, config={**cfg, **OVERHEAD_DIMS})
+        hf = random_model(work / f"{args.arch}-L{args.layers}-hf", args.arch, cfg, "bfloat16")
+        gguf_file(hf, gguf, args.qtype)
+    small = random_model(work / f"{args.arch}-L{args.layers}-overhead", args.arch, {**cfg, **OVERHEAD_DIMS})
     return gguf, small
-
-
-def prompt_tokens(n: int) -> list[int]:
-    """A fixed pseudo-random prompt of n ids below 500 (inside every tokenizer used here)."""
-    import random
-    rng = random.Random(1234)
-    return [rng.randrange(3, 500) for _ in range(n)]
 
 
 def run_moed(model: str, threads: int, n_prompt: int, n_decode: int) -> dict:
@@ -107,7 +70,6 @@ def run_moed(model: str, threads: int, n_prompt: int, n_decode: int) -> dict:
 
 def run_llama(model: str, threads: int, n_prompt: int, n_decode: int) -> dict:
     """Prefill then greedy decode in llama.cpp on the same file; per-step wall times."""
-    import numpy as np
     from llama_cpp import Llama
 
     t = time.perf_counter()
@@ -117,27 +79,18 @@ def run_llama(model: str, threads: int, n_prompt: int, n_decode: int) -> dict:
     prompt = prompt_tokens(n_prompt)
     llm.eval(prompt[:8])
     llm.reset()
-    t = time.perf_counter()
-    llm.eval(prompt)
-    prefill_s = time.perf_counter() - t
-    steps = []
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    for _ in range(n_decode):
-        t = time.perf_counter()
-        llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        steps.append(time.perf_counter() - t)
-    return {"load_s": load_s, "prefill_s": prefill_s, "decode_step_s": steps}
+    prefill_s, tok = llama_prefill(llm, prompt)
+    return {"load_s": load_s, "prefill_s": prefill_s, "decode_step_s": llama_decode(llm, tok, n_decode)}
 
 
 def worker(engine: str, model: str, a: argparse.Namespace) -> dict:
     """Run one engine in a fresh process (no shared thread pools or caches) and return its figures."""
     cmd = [sys.executable, __file__, "--worker", engine, "--worker-model", model, "--threads", str(a.threads),
            "--prompt-tokens", str(a.prompt_tokens), "--decode-tokens", str(a.decode_tokens)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise SystemExit(f"{engine} worker failed:\n{r.stderr}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    try:
+        return run_worker(cmd)
+    except WorkerError as e:
+        raise SystemExit(f"{engine} worker failed:\n{e.stderr}") from None
 
 
 def summarise(r: dict, n_prompt: int) -> dict:

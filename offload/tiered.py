@@ -24,6 +24,7 @@ GPU; on a machine without one, tests emulate it on the CPU with a budget and wor
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -592,10 +593,26 @@ class OffloadOptions:
             raise ValueError(f"io_threads must be >= 1 (got {self.io_threads})")
 
 
+def return_freed_memory() -> None:
+    """Make glibc hand large freed blocks back to the system at once (mmap for every block >= 128 KiB,
+    without the threshold growing as blocks are freed): streamed experts' buffers then stop counting
+    in the process's memory when they are dropped, which a memory cap sees. No-op off glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 128 * 1024)
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
+
+
 def tiered_experts(store: Store, options: OffloadOptions, kernel: str = "reference",
                    act: str = "silu") -> TieredExperts:
     """A TieredExperts for a store under `options` (budgets resolved, bits chosen, RAM filled)."""
     options.validate()
+    return_freed_memory()
     backend = get_backend(kernel)
     n_total = sum(store.n_experts(layer) for layer in store.layers)
     sizes = ExpertSizes(store, act)

@@ -1,0 +1,622 @@
+#!/usr/bin/env python3
+"""moed's tiered experts vs llama.cpp (llama-cpp-python) under one memory cap: decode tokens/s on the CPU.
+
+What is measured. A random-weight model with OLMoE-1B-7B layer shapes (hidden 2048, 64 experts,
+top-8, expert width 1024; --layers of them) is written once as a GGUF file at Q8_0 for llama.cpp
+and converted from the same weights into a moed store, whose experts moed runs at 8 bits with
+the torch kernel. For each RAM budget share s (--shares) both engines run under the same memory
+cap, cap = base + s * E, where E is the bytes of the routed experts in the Q8_0 file and base an
+allowance for everything else (dense weights, KV cache, Python/torch runtime). base is measured
+once: moed runs uncapped with a budget of one token's experts of one layer, and base is its
+peak RSS minus the bytes its RAM tier ever held, plus a margin (MARGIN_SHARE, at least MIN_MARGIN).
+moed's RAM budget is s * E bytes (--moed-budget bytes: the room the cap leaves for experts, the
+same llama.cpp gets) or s of its own experts' bytes (--moed-budget share: `--ram-budget s%`,
+which counts an expert's stored planes and its compute form and may not fit under the cap).
+
+How. Every run is a fresh worker process put into a cgroup v1 memory group limited to the cap
+(it writes its own pid into the group before loading anything; `systemd-run --scope -p
+MemoryMax=` where cgroup v1 is not writable; else no cap, and the results say so). Before each
+run the model files' pages are dropped from the page cache (posix_fadvise DONTNEED, and
+/proc/sys/vm/drop_caches where permitted), so pages cached outside the group do not serve it.
+Each run: --threads threads, the same --prompt-tokens token ids as prompt, greedy decoding of
+--tokens tokens; decode tokens/s = tokens / decode seconds (all decode steps, prefill excluded).
+llama.cpp: Llama(use_mmap=True), eval of the prompt, then one eval per token. moed: load_model
+with OffloadOptions(bits=8, ram_budget, policy) for each --policies, daemon.generate.generate;
+expert hit rate and bytes read from the store count the decode steps only.
+
+Simulator check. The uncapped base run records a routing trace (profiler.trace.record_trace);
+the trace simulator replays it on this machine's profile (the stored `moed profile`, else
+bench/results/profile_this_machine.json; moed's runs timed with the torch kernel's expert
+curves) under the matching policy (llama.cpp -> llamacpp, lru -> lru, score -> hybrimoe) with
+as many experts in RAM as the run could hold, and its decode seconds per token are compared with
+the measured ones. lfu and moed have no simulator policy: no prediction is made for them.
+
+Writes bench/results/offload_cpu.json, .md and .trace.jsonl. The full run takes about as long
+as 1 + 5 * len(shares) model loads and decodes; --quick (tiny shapes) is a smoke test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench._common import (MODEL_NAMES, SHAPES, WorkerError, gguf_file, llama_decode, llama_prefill,  # noqa: E402
+                           machine, prompt_tokens, random_model, run_worker)
+from offload.manifest import MANIFEST  # noqa: E402
+
+if TYPE_CHECKING:
+    from profiler.machine import Machine
+    from profiler.trace import Trace
+
+ARCH = "olmoe"
+QUICK = {"hidden_size": 256, "num_experts": 8, "num_experts_per_tok": 2}  # on top of daemon.tiny's olmoe
+POLICIES = ("lru", "lfu", "score", "moed")
+SIM_POLICY = {"llama.cpp": "llamacpp", "lru": "lru", "score": "hybrimoe"}
+BITS = 8
+MARGIN_SHARE, MIN_MARGIN = 0.25, 300 << 20
+CGROUP_V1 = Path("/sys/fs/cgroup/memory")
+MiB = 1 << 20
+
+
+# -- workers (run in their own process) --
+
+@dataclass(frozen=True, slots=True)
+class RunSpec:
+    """One measured run: engine, model file, prompt, decode length, threads; moed's budget, policy, trace."""
+
+    engine: str  # "llama.cpp" or "moed"
+    model: str
+    prompt: tuple[int, ...]
+    decode: int
+    threads: int
+    policy: str = ""
+    ram_budget: str | int | None = None
+    trace: str | None = None
+    cgroup_procs: str | None = None  # the worker writes its pid here first thing
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunSpec":
+        """Inverse of json.dumps(asdict(spec))."""
+        d = json.loads(text)
+        return cls(**{**d, "prompt": tuple(d["prompt"])})
+
+
+def disk_read_bytes() -> int | None:
+    """Bytes this process has caused to be read from storage (/proc/self/io), if the kernel says."""
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def peak_rss() -> int:
+    """This process's peak resident set since it started its program, bytes.
+
+    /proc/self/status VmHWM, not getrusage's ru_maxrss: that one keeps the parent's peak across fork and exec.
+    """
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise OSError("no VmHWM in /proc/self/status")
+
+
+def _delta(a: int | None, b: int | None) -> int | None:
+    return None if a is None or b is None else b - a
+
+
+def work_llama(spec: RunSpec) -> dict:
+    """Prefill and greedy decode in llama.cpp, the GGUF memory-mapped."""
+    from llama_cpp import Llama
+
+    prompt = list(spec.prompt)
+    t = time.perf_counter()
+    llm = Llama(model_path=spec.model, n_ctx=len(prompt) + spec.decode + 16, n_batch=max(512, len(prompt)),
+                n_threads=spec.threads, n_threads_batch=spec.threads, use_mmap=True, verbose=False)
+    load_s = time.perf_counter() - t
+    prefill_s, tok = llama_prefill(llm, prompt)
+    read0 = disk_read_bytes()
+    steps = llama_decode(llm, tok, spec.decode)
+    return {"load_s": load_s, "prefill_s": prefill_s, "decode_s": sum(steps), "decode_tps": len(steps) / sum(steps),
+            "step_s": steps, "disk_read_bytes": _delta(read0, disk_read_bytes()), "peak_rss_bytes": peak_rss()}
+
+
+def work_moed(spec: RunSpec) -> dict:
+    """Prefill and greedy decode in moed with tiered experts; cache figures of the decode steps."""
+    import torch
+    from daemon.generate import Summary, generate
+    from daemon.loaders.build import load_model
+    from daemon.sampling import SamplingParams
+    from offload.tiered import OffloadOptions
+    from profiler.trace import record_trace
+
+    torch.set_num_threads(spec.threads)
+    t = time.perf_counter()
+    lm = load_model(spec.model, offload=OffloadOptions(bits=BITS, ram_budget=spec.ram_budget, policy=spec.policy))
+    load_s = time.perf_counter() - t
+    p = lm.experts
+    rec = record_trace(lm, spec.trace) if spec.trace else None
+
+    def counters() -> dict:
+        return {"hits": p.stats["ram"].hits, "misses": p.stats["ram"].misses, "bytes_read": p.bytes_read,
+                "disk_read_bytes": disk_read_bytes()}
+
+    s = Summary(list(spec.prompt))
+    start = None
+    for _ in generate(lm, list(spec.prompt), SamplingParams(max_tokens=spec.decode + 1, ignore_eos=True), s):
+        start = start or counters()  # the first token comes from the prefill: decode starts now
+    end = counters()
+    if rec is not None:
+        rec.close()
+    ram = p.tier_views()[0]
+    d = {k: _delta(start[k], end[k]) for k in end}
+    out = {"load_s": load_s, "prefill_s": s.prefill_seconds, "decode_s": s.decode_seconds,
+           "decode_tps": s.decode_tps, "step_s": s.step_seconds[1:], "tokens": s.tokens,
+           "hits": d["hits"], "misses": d["misses"], "hit_rate": d["hits"] / max(1, d["hits"] + d["misses"]),
+           "hit_rate_all": ram.hit_rate, "bytes_read": d["bytes_read"], "disk_read_bytes": d["disk_read_bytes"],
+           "ram_budget": ram.budget, "ram_peak": p.stats["ram"].peak, "experts_resident": ram.experts_resident,
+           "experts_total": ram.experts_total, "expert_bytes": p.expert_bytes(p.bits), "bits": p.bits,
+           "peak_rss_bytes": peak_rss()}
+    p.close()
+    return out
+
+
+def worker_command(spec: RunSpec) -> list[str]:
+    """The command that runs `spec` in a worker process."""
+    return [sys.executable, __file__, "--worker", json.dumps(asdict(spec))]
+
+
+# -- memory caps and the page cache --
+
+@dataclass(slots=True)
+class MemoryCap:
+    """A memory limit around one worker process: a cgroup v1 group, a systemd scope, or none."""
+
+    method: str  # "cgroup-v1", "systemd-run" or "none"
+    limit: int | None
+    group: Path | None = None
+
+    @property
+    def procs(self) -> str | None:
+        """The file a worker writes its pid into to join the group (cgroup v1)."""
+        return str(self.group / "cgroup.procs") if self.group is not None else None
+
+    def wrap(self, cmd: list[str]) -> list[str]:
+        """The command as run under the cap."""
+        if self.method == "systemd-run":
+            return ["systemd-run", "--scope", "--quiet", "--collect", "-p", f"MemoryMax={self.limit}", "--", *cmd]
+        return cmd
+
+    def counters(self) -> dict:
+        """The group's peak usage (page cache included), times it hit the limit, OOM kills (cgroup v1)."""
+        if self.group is None:
+            return {}
+        out = {"max_usage_bytes": int((self.group / "memory.max_usage_in_bytes").read_text()),
+               "failcnt": int((self.group / "memory.failcnt").read_text())}
+        for line in (self.group / "memory.oom_control").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                out["oom_kills"] = int(value)
+        return out
+
+
+def cap_method(wanted: str) -> tuple[str, list[str]]:
+    """How worker memory can be capped here (cgroup-v1, systemd-run or none), and why others could not."""
+    why: list[str] = []
+    if wanted in ("auto", "cgroup-v1"):
+        probe = CGROUP_V1 / f"moed-bench-{os.getpid()}-probe"
+        try:
+            probe.mkdir()
+            (probe / "memory.limit_in_bytes").write_text(str(1 << 30))
+            return "cgroup-v1", why
+        except OSError as e:
+            why.append(f"cgroup v1 at {CGROUP_V1}: {e.strerror or e}")
+        finally:
+            if probe.exists():
+                probe.rmdir()
+    if wanted in ("auto", "systemd-run"):
+        if shutil.which("systemd-run") is None:
+            why.append("systemd-run: not installed")
+        else:
+            r = subprocess.run(MemoryCap("systemd-run", 256 * MiB).wrap(["true"]), capture_output=True, text=True)
+            if r.returncode == 0:
+                return "systemd-run", why
+            why.append(f"systemd-run: {' '.join(r.stderr.split()) or r.returncode}")
+    return "none", why
+
+
+@contextmanager
+def memory_cap(method: str, name: str, limit: int | None) -> Iterator[MemoryCap]:
+    """A cap of `limit` bytes for one worker; a cgroup v1 group is created here and removed after.
+
+    With cgroup v1 and no limit the worker still gets a group of its own, for its peak usage.
+    """
+    if method != "cgroup-v1":
+        yield MemoryCap(method if limit is not None else "none", limit)
+        return
+    group = CGROUP_V1 / f"moed-bench-{os.getpid()}-{name}"
+    group.mkdir()
+    try:
+        if limit is not None:
+            (group / "memory.limit_in_bytes").write_text(str(limit))
+        yield MemoryCap(method, limit, group)
+    finally:
+        for attempt in range(50):  # the worker has exited; its page cache charges may take a moment to go
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                if attempt == 0:
+                    try:
+                        (group / "memory.force_empty").write_text("0")
+                    except OSError:
+                        pass
+                time.sleep(0.1)
+        else:
+            print(f"warning: could not remove {group}", file=sys.stderr)
+
+
+def evict_page_cache(paths: list[Path]) -> dict[str, str]:
+    """Drop the files' pages from the page cache; what each method did."""
+    out = {}
+    try:
+        for p in paths:
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # dirty pages would stay
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+        out["posix_fadvise_dontneed"] = f"ok ({len(paths)} files)"
+    except OSError as e:
+        out["posix_fadvise_dontneed"] = f"failed: {e}"
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1")
+        out["drop_caches"] = "ok"
+    except OSError as e:
+        out["drop_caches"] = f"not permitted: {e.strerror or e}"
+    return out
+
+
+def measure(spec: RunSpec, method: str, limit: int | None, label: str, files: list[Path]) -> dict:
+    """One run in a fresh worker under the cap, after evicting the model files from the page cache."""
+    evicted = evict_page_cache(files)
+    with memory_cap(method, label, limit) as cap:
+        try:
+            r = {"status": "ok", **run_worker(cap.wrap(worker_command(replace(spec, cgroup_procs=cap.procs))))}
+        except WorkerError as e:
+            killed = cap.counters().get("oom_kills", 0) > 0 or (cap.limit is not None and e.returncode in (-9, 137))
+            tail = e.stderr.strip().splitlines()
+            r = {"status": "oom-killed" if killed else "failed", "returncode": e.returncode,
+                 "error": tail[-1] if tail else ""}
+        r["cap"] = {"method": cap.method, "limit_bytes": limit, **cap.counters()}
+    r["page_cache_eviction"] = evicted
+    what = spec.engine + (f" {spec.policy}" if spec.engine == "moed" else "")
+    got = f"{r['decode_tps']:.2f} tok/s" if r["status"] == "ok" else r["status"]
+    print(f"[{label}] {what}: {got}", file=sys.stderr, flush=True)
+    return r
+
+
+# -- the model --
+
+@dataclass(frozen=True, slots=True)
+class Files:
+    """The benchmark model: the HF folder, its Q8_0 GGUF, the moed store, and their sizes."""
+
+    hf: Path
+    gguf: Path
+    store: Path
+    config: dict
+    expert_bytes: int  # routed experts in the GGUF
+    gguf_bytes: int
+
+    def model_files(self) -> list[Path]:
+        """Every file a run reads the model from (for page cache eviction)."""
+        return [self.gguf] + sorted(p for p in self.store.rglob("*") if p.is_file())
+
+
+def build(work: Path, config: dict) -> Files:
+    """The HF folder, GGUF (Q8_0) and moed store of `config`, built once under `work` (keyed by the config)."""
+    from gguf import GGUFReader
+
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+    tag = (f"{ARCH}-h{config.get('hidden_size')}-e{config.get('num_experts')}-k{config.get('num_experts_per_tok')}"
+           f"-L{config['num_hidden_layers']}-{digest}")
+    work.mkdir(parents=True, exist_ok=True)
+    hf = random_model(work / f"{tag}-hf", ARCH, config, "bfloat16")
+    gguf = gguf_file(hf, work / f"{tag}-Q8_0.gguf", "Q8_0")
+    store = work / f"{tag}-store"
+    if not (store / MANIFEST).exists():
+        from daemon.convert import convert
+        print(f"converting to a moed store {store.name} ...", file=sys.stderr, flush=True)
+        convert(hf, store, force=True)
+    experts = sum(int(t.n_bytes) for t in GGUFReader(gguf).tensors if "_exps." in t.name)
+    cfg = json.loads((hf / "config.json").read_text())
+    return Files(hf, gguf, store, cfg, experts, gguf.stat().st_size)
+
+
+# -- the simulator --
+
+def default_machine() -> str:
+    """The stored `moed profile` of this machine if there is one, else the profile kept in bench/results."""
+    from profiler.profile import default_profile_path
+    return "this" if default_profile_path().exists() else str(ROOT / "bench" / "results" / "profile_this_machine.json")
+
+
+def sim_machines(spec: str) -> dict[str, Machine]:
+    """The machine profile for llama.cpp's replay, and for moed's: expert FFNs timed with the torch kernel only."""
+    from profiler.costmodel import CostModel
+    from profiler.machine import load_machine
+
+    m = load_machine(spec)
+    if m.cost is None or not any(op.startswith("ffn:") and op.endswith(":torch") for op in m.cost.ops()):
+        return {"llama.cpp": m, "moed": m}
+    torch_only = {op: c for op, c in m.cost.curves.items() if not op.startswith("ffn:") or op.endswith(":torch")}
+    return {"llama.cpp": m, "moed": replace(m, cost=CostModel(torch_only))}
+
+
+def predict(trace: Trace, machine: Machine, policy: str, experts_held: int) -> dict:
+    """Simulated seconds per decode token of the trace under `policy` with `experts_held` experts in RAM."""
+    from profiler.policies import make_policy
+    from profiler.simulator import simulate
+
+    shape = trace.header.model
+    times = machine.times(shape, BITS)
+    ram = experts_held * shape.expert_bytes(BITS)
+    r = simulate(trace, times, make_policy(policy), 0, ram, BITS)
+    decode = [t for s, t in zip(trace.steps, r.step_times) if s.tokens == 1]
+    return {"policy": policy, "per_token_s": sum(decode) / len(decode), "experts_held": experts_held,
+            "ram_bytes": ram, "ffn_op": times.cost.ffn_op("cpu", BITS), "hit_rate_all_steps": r.hit_rate("ram"),
+            "notes": list(times.notes)}
+
+
+def compare(pred: dict | None, run: dict, why_not: str = "") -> dict:
+    """Predicted vs measured seconds per decode token, or why there is no prediction."""
+    if pred is None:
+        return {"predicted_s": None, "why": why_not}
+    measured = 1 / run["decode_tps"] if run.get("status") == "ok" and run["decode_tps"] else None
+    err = (pred["per_token_s"] - measured) / measured if measured else None
+    return {"predicted_s": pred["per_token_s"], "measured_s": measured, "relative_error": err, **pred}
+
+
+# -- the runs --
+
+@dataclass(frozen=True, slots=True)
+class Setup:
+    """What every run shares: the model files, prompt, decode length, threads and how memory is capped."""
+
+    files: Files
+    prompt: tuple[int, ...]
+    tokens: int
+    threads: int
+    method: str
+
+    def run(self, engine: str, limit: int | None, label: str, policy: str = "", budget: str | int | None = None,
+            trace: Path | None = None) -> dict:
+        """One measured run of `engine` (moed: at `budget` under `policy`) under a cap of `limit` bytes."""
+        model = self.files.gguf if engine == "llama.cpp" else self.files.store
+        spec = RunSpec(engine, str(model), self.prompt, self.tokens, self.threads, policy, budget,
+                       None if trace is None else str(trace))
+        return measure(spec, self.method, limit, label, self.files.model_files())
+
+
+def find_base(setup: Setup, trace: Path, given: int | None = None) -> dict:
+    """The cap's allowance for all but the routed experts: moed's peak RSS with a RAM tier of one token's
+    experts of one layer, less what the tier held, plus a margin (or `given` bytes, the measurement only
+    recorded). The run (uncapped) also records the trace."""
+    cfg, layers = setup.files.config, setup.files.config["num_hidden_layers"]
+    tiny = f"{100 * min(1.0, 1.01 * cfg['num_experts_per_tok'] / (cfg['num_experts'] * layers)):.4f}%"
+    r = setup.run("moed", None, "base", "moed", tiny, trace)
+    if r["status"] != "ok":
+        raise SystemExit(f"the base run failed: {r['error']}")
+    measured = r["peak_rss_bytes"] - r["ram_peak"]
+    margin = max(int(MARGIN_SHARE * measured), MIN_MARGIN)
+    how = (f"peak RSS of an uncapped moed run with a {tiny} RAM budget ({r['peak_rss_bytes'] / MiB:.0f} MiB) minus "
+           f"the most its RAM tier held ({r['ram_peak'] / MiB:.1f} MiB) = {measured / MiB:.0f} MiB, plus a margin "
+           f"of {margin / MiB:.0f} MiB (the larger of {MARGIN_SHARE:.0%} and {MIN_MARGIN // MiB} MiB)")
+    if given is not None:
+        how = f"given (--base-mib); measured for the record: {how}"
+    if setup.method == "none":
+        how += "; NO CAP was applied (no way to cap memory here)"
+    return {"bytes": measured + margin if given is None else given, "measured_bytes": measured,
+            "margin_bytes": margin, "how": how,
+            "cgroup_peak_bytes": r["cap"].get("max_usage_bytes"), "run": r}
+
+
+def run_budget(setup: Setup, share: float, base: dict, moed_budget: str, policies: list[str], trace: Trace,
+               sims: dict[str, Machine]) -> dict:
+    """llama.cpp and moed (each policy) at one RAM budget share under one cap, with the simulator's predictions."""
+    f = setup.files
+    n_total = f.config["num_experts"] * f.config["num_hidden_layers"]
+    moed_expert = base["run"]["expert_bytes"]
+    label = f"{share:.0%}".replace("%", "pct")
+    cap = None if setup.method == "none" else base["bytes"] + int(share * f.expert_bytes)
+    budget = int(share * f.expert_bytes) if moed_budget == "bytes" else f"{100 * share:g}%"
+    budget_bytes = budget if isinstance(budget, int) else int(share * moed_expert * n_total)
+    held = min(n_total, budget_bytes // moed_expert)
+    llama = setup.run("llama.cpp", cap, f"{label}-llama")
+    llama["simulator"] = compare(predict(trace, sims["llama.cpp"], "llamacpp", int(share * n_total)), llama)
+    runs = {}
+    for pol in policies:
+        r = runs[pol] = setup.run("moed", cap, f"{label}-{pol}", pol, budget)
+        sim = SIM_POLICY.get(pol)
+        r["simulator"] = compare(predict(trace, sims["moed"], sim, held) if sim else None, r,
+                                 f"the simulator has no {pol} policy")
+    return {"share": share, "cap_bytes": cap, "moed_ram_budget": budget_bytes, "moed_experts_held": held,
+            "llama.cpp": llama, "moed": runs}
+
+
+def model_record(f: Files, quick: bool, moed_expert: int) -> dict:
+    """The model's shapes, files and per-expert bytes for the results."""
+    cfg = f.config
+    n_total = cfg["num_experts"] * cfg["num_hidden_layers"]
+    return {"shapes_of": "tiny (--quick)" if quick else MODEL_NAMES[ARCH], "arch": ARCH,
+            "layers": cfg["num_hidden_layers"], "hidden": cfg["hidden_size"], "experts": cfg["num_experts"],
+            "top_k": cfg["num_experts_per_tok"], "expert_width": cfg["intermediate_size"], "experts_total": n_total,
+            "weights": "random", "gguf": str(f.gguf), "gguf_bytes": f.gguf_bytes, "gguf_expert_bytes": f.expert_bytes,
+            "gguf_bytes_per_expert": f.expert_bytes // n_total, "store": str(f.store),
+            "moed_bytes_per_expert": moed_expert, "moed_bits": BITS, "moed_kernel": "torch"}
+
+
+# -- the report --
+
+def _cells(name: str, r: dict, llama_tps: float | None, cap: int | None, decode: int) -> list[str]:
+    sim = r.get("simulator", {})
+    if sim.get("predicted_s") is None:
+        sim_cells = ["n/a", "-"]
+    else:
+        e = sim.get("relative_error")
+        sim_cells = [f"{sim['predicted_s'] * 1e3:.1f}", f"{e:+.0%}" if e is not None else "-"]
+    if r["status"] != "ok":
+        return [name, r["status"], "-", "-", "-", "-", "-", sim_cells[0], "-"]
+    read = r["bytes_read"] if name != "llama.cpp" else r.get("disk_read_bytes")
+    ratio = f"{r['decode_tps'] / llama_tps:.2f}x" if llama_tps else "-"
+    hit = f"{r['hit_rate']:.2f}" if "hit_rate" in r else "-"
+    cap_s = f"{cap / MiB:.0f}" if cap else "no cap"
+    return [name, f"{r['decode_tps']:.2f}", ratio, hit, "-" if read is None else f"{read / decode / MiB:.1f}",
+            f"{r['peak_rss_bytes'] / MiB:.0f} / {cap_s}", f"{1e3 / r['decode_tps']:.1f}", *sim_cells]
+
+
+def markdown(res: dict) -> str:
+    """The results as a short markdown report."""
+    m, mod, cap = res["machine"], res["model"], res["cap"]
+    lines = [
+        f"# offload_cpu: moed tiered experts vs llama.cpp under one memory cap ({res['date']})", "",
+        f"Command: `{res['command']}`", "",
+        f"Machine: {m['cpu']}, {m['logical_cpus']} logical CPUs, {m['ram_gib']} GiB RAM; torch {m.get('torch')}, "
+        f"llama-cpp-python {m['llama_cpp_python']}.",
+        f"Model: random weights with {mod['shapes_of']} layer shapes ({mod['hidden']} hidden, {mod['experts']} "
+        f"experts, top-{mod['top_k']}, expert width {mod['expert_width']}), {mod['layers']} layers. llama.cpp: GGUF "
+        f"Q8_0, {mod['gguf_bytes'] / MiB:.0f} MiB, routed experts E = {mod['gguf_expert_bytes'] / MiB:.0f} MiB "
+        f"({mod['gguf_bytes_per_expert'] / MiB:.2f} MiB each; the rest of the file "
+        f"{(mod['gguf_bytes'] - mod['gguf_expert_bytes']) / MiB:.0f} MiB). moed: a store of the same weights, "
+        f"experts at {BITS} bits (torch kernel), {mod['moed_bytes_per_expert'] / MiB:.2f} MiB each in RAM (stored "
+        "planes + compute form; dense weights in float32).",
+        f"Memory cap: {cap['method']}" + (f" (not used: {'; '.join(cap['unavailable'])})" if cap['unavailable'] else "")
+        + f". cap = base + share * E, base = {cap['base_bytes'] / MiB:.0f} MiB: {cap['base_how']}",
+        f"Page cache before each run: {', '.join(f'{k} {v}' for k, v in res['page_cache_eviction'].items())}.",
+        f"moed's RAM budget: {res['moed_budget']}.",
+        f"Runs: {res['threads']} threads, {res['prompt_tokens']} prompt tokens (same ids for both), "
+        f"{res['decode_tokens']} greedy decode tokens; tok/s = decode tokens / decode seconds (prefill excluded).",
+        f"Simulator: {res['simulator']['machine']}; replays {res['trace']} (recorded by the base run) with as many "
+        "experts in RAM as each run could hold. It times attention, routers and experts, not the embedding, "
+        "lm_head or sampling.", ""]
+    head = ["engine", "decode tok/s", "vs llama.cpp", "hit rate", "MiB read / token", "peak RSS / cap MiB",
+            "measured ms/token", "simulated ms/token", "sim error"]
+    for b in res["budgets"]:
+        llama = b["llama.cpp"]
+        ltps = llama["decode_tps"] if llama["status"] == "ok" else None
+        cap_s = f"cap {b['cap_bytes'] / MiB:.0f} MiB" if b["cap_bytes"] else "NO CAP"
+        lines += [f"## RAM budget {b['share']:.0%} of E ({cap_s}; moed budget "
+                  f"{b['moed_ram_budget'] / MiB:.0f} MiB = {b['moed_experts_held']} of {mod['experts_total']} "
+                  f"experts)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        rows = [("llama.cpp", llama)] + [(f"moed {p}", r) for p, r in b["moed"].items()]
+        lines += ["| " + " | ".join(_cells(n, r, ltps, b["cap_bytes"], res["decode_tokens"])) + " |" for n, r in rows]
+        lines.append("")
+    lines += ["Hit rate: share of expert uses in decode steps found in moed's RAM tier. MiB read / token: moed's "
+              "reads from the store; llama.cpp's bytes read from storage (/proc/self/io, page faults on the mapped "
+              "file). Peak RSS: VmHWM, for llama.cpp including the mapped file's resident pages. sim error: "
+              "(simulated - measured) / measured; n/a where the simulator has no such policy "
+              f"({', '.join(res['simulator']['unmatched'])}).",
+              f"moed's tokens are the same in every moed run: {res['moed_outputs_identical']}.", ""]
+    sims = [(n, r.get("simulator", {})) for b in res["budgets"]
+            for n, r in [("llama.cpp", b["llama.cpp"]), *b["moed"].items()]]
+    ops = {n if n == "llama.cpp" else "moed": sim["ffn_op"] for n, sim in sims if "ffn_op" in sim}
+    lines += [f"Simulator expert timings: {', '.join(f'{k} with {v}' for k, v in ops.items())} (the profile has no "
+              "llama.cpp kernel; its replay takes the fastest probed one)."]
+    lines += [f"Simulator note: {n}" for n in sorted({n for _, sim in sims for n in sim.get("notes", [])})]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, help="decoder layers (default 4; 2 with --quick)")
+    p.add_argument("--tokens", type=int, default=32, help="greedy decode tokens per run")
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--shares", default="1.0,0.5,0.25", help="RAM budgets as shares of the routed experts' bytes")
+    p.add_argument("--policies", default=",".join(POLICIES), help="moed cache policies to run")
+    p.add_argument("--moed-budget", choices=("bytes", "share"), default="bytes",
+                   help="moed's RAM budget: share * E bytes (default), or share of its own experts' bytes")
+    p.add_argument("--cap", choices=("auto", "cgroup-v1", "systemd-run", "none"), default="auto")
+    p.add_argument("--base-mib", type=int, help="the cap's allowance for all but the experts (default: measured)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="tiny shapes (hidden 256, 8 experts, 2 layers): a smoke test")
+    p.add_argument("--machine", help="machine profile for the simulator (default: this machine's)")
+    p.add_argument("--work", default=str(Path.home() / ".cache" / "moed" / "bench-offload"))
+    p.add_argument("--out", help="results path without suffix (default bench/results/offload_cpu; "
+                                 "with --quick, offload_cpu_quick in --work)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    a = p.parse_args()
+
+    if a.worker:
+        spec = RunSpec.from_json(a.worker)
+        if spec.cgroup_procs:  # into the memory group before torch or llama.cpp is loaded
+            Path(spec.cgroup_procs).write_text(str(os.getpid()))
+        print(json.dumps((work_llama if spec.engine == "llama.cpp" else work_moed)(spec)))
+        return
+
+    shares = [float(s) for s in a.shares.split(",")]
+    policies = [s.strip() for s in a.policies.split(",") if s.strip()]
+    if bad := [q for q in policies if q not in POLICIES]:
+        p.error(f"unknown policies {bad} (known: {', '.join(POLICIES)})")
+    config = {**(QUICK if a.quick else SHAPES[ARCH]), "num_hidden_layers": a.layers or (2 if a.quick else 4)}
+    files = build(Path(a.work), config)
+    method, unavailable = cap_method(a.cap)
+    setup = Setup(files, tuple(prompt_tokens(a.prompt_tokens)), a.tokens, a.threads, method)
+    out = Path(a.out or (Path(a.work) / "offload_cpu_quick" if a.quick else ROOT / "bench" / "results" / "offload_cpu"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    trace_path = out.with_suffix(".trace.jsonl")
+
+    from profiler.trace import read_trace
+    base = find_base(setup, trace_path, None if a.base_mib is None else a.base_mib * MiB)
+    trace = read_trace(trace_path)
+    machine_spec = a.machine or default_machine()
+    sims = sim_machines(machine_spec)
+    budgets = [run_budget(setup, s, base, a.moed_budget, policies, trace, sims) for s in shares]
+
+    model = model_record(files, a.quick, base["run"]["expert_bytes"])
+    outputs = {tuple(r["tokens"]) for b in budgets for r in b["moed"].values() if r["status"] == "ok"}
+    res = {
+        "benchmark": "offload_cpu", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": "python bench/offload_cpu.py " + " ".join(sys.argv[1:]), "machine": machine(),
+        "model": model,
+        "threads": a.threads, "prompt_tokens": a.prompt_tokens, "decode_tokens": a.tokens,
+        "cap": {"method": method, "unavailable": unavailable, "base_bytes": base["bytes"], "base_how": base["how"],
+                "base_measured_bytes": base["measured_bytes"], "margin_bytes": base["margin_bytes"],
+                "base_run_cgroup_peak_bytes": base["cgroup_peak_bytes"],
+                "caps_bytes": {str(b["share"]): b["cap_bytes"] for b in budgets}},
+        "moed_budget": (f"share * E bytes (the room the cap leaves for experts, as for llama.cpp); an expert takes "
+                        f"{model['moed_bytes_per_expert'] / model['gguf_bytes_per_expert']:.2f}x its Q8_0 bytes in "
+                        "moed's RAM tier" if a.moed_budget == "bytes"
+                        else "share of moed's own experts' bytes (--ram-budget share%)"),
+        "page_cache_eviction": base["run"]["page_cache_eviction"],
+        "trace": str(trace_path.relative_to(ROOT)) if trace_path.is_relative_to(ROOT) else str(trace_path),
+        "simulator": {"machine": f"{sims['moed'].name} ({sims['moed'].description})", "spec": machine_spec,
+                      "unmatched": [q for q in policies if q not in SIM_POLICY]},
+        "moed_outputs_identical": len(outputs) <= 1,
+        "base_run": base["run"], "budgets": budgets,
+    }
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2))
+    md = markdown(res)
+    out.with_suffix(".md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
