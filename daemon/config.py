@@ -10,9 +10,12 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from daemon.errors import MoedError
+
+if TYPE_CHECKING:
+    from offload.tiered import OffloadOptions
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -47,7 +50,7 @@ class Config:
     vram_budget: str | None = None  # experts' VRAM (GPU), same forms; None: no GPU expert tier
     policy: str = "moed"  # expert cache policy: lru, lfu, score (HybriMoE) or moed
 
-    def offload(self) -> "OffloadOptions | None":
+    def offload(self) -> OffloadOptions | None:
         """Tiered-expert options when any of bits / ram_budget / vram_budget is set, else None."""
         from offload.tiered import OffloadOptions
 
