@@ -23,7 +23,8 @@ from daemon.config import Config
 from daemon.engine import Engine, model_name
 from daemon.errors import MoedError
 from daemon.listen import check_tcp, default_socket, grpc_tcp_target, prepare_socket
-from daemon.metrics import CostCheck, Metrics, MetricsView, StepPredictor
+from daemon.costcheck import CostCheck, StepPredictor
+from daemon.metrics import Metrics, MetricsView
 from daemon.records import TokenEvent
 from daemon.request_errors import RequestError
 from daemon.resources import CpuMeter, devices, gpu_note, ram_tier, rss_bytes

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-from daemon.metrics import CostCheck, MetricsView, Percentiles
+from daemon.costcheck import CostCheck
+from daemon.metrics import MetricsView, Percentiles
 from daemon.records import Finished, GenRequest, ModelView, Prompt, QueueView, TokenEvent
 from daemon.resources import DeviceView, LinkView, TierView
 from daemon.sampling import SamplingParams

@@ -142,7 +142,7 @@ class TieredExperts:
         # no budget: room for every expert, and for one expert's planes while its form is made
         ram = self.expert_bytes(bits) * n_total + self.raw_bytes(bits) if budgets.ram is None else int(budgets.ram)
         self.tiers = {"ram": Tier("ram", ram), "vram": Tier("vram", int(budgets.vram) if accelerator else 0)}
-        one = self.sizes.ram(self.backend, bits, True)  # planes and form, until the planes go
+        one = self.read_bytes(bits)
         if ram < one:
             raise MoedError(f"the RAM budget ({ram} bytes) is smaller than one expert at {bits} bits "
                                f"({one} bytes)")
@@ -168,6 +168,10 @@ class TieredExperts:
         """Bytes of an expert's compute form in `backend` at `bits`."""
         return self.sizes.form(backend, bits)
 
+    def read_bytes(self, bits: int) -> int:
+        """Bytes a read of one expert at `bits` reserves: its planes and its form, until the planes go."""
+        return self.sizes.ram(self.backend, bits, True)
+
     def expert_bytes(self, bits: int) -> int:
         """Bytes one expert holds in RAM at `bits`: its compute form, plus its stored planes if kept."""
         return self.sizes.ram(self.backend, bits, self.keep_planes)
@@ -186,7 +190,7 @@ class TieredExperts:
         """Fill RAM in layer order while the budget allows (the rest is read on demand)."""
         keys = [(layer, e) for layer in self.store.layers for e in range(self.store.n_experts(layer))]
         for i, key in enumerate(keys):
-            if self.tiers["ram"].free() < self.expert_bytes(self.bits):
+            if self.tiers["ram"].free() < self.read_bytes(self.bits):
                 break
             held = self._fetch(key, self.bits, evict=False)
             if held is not None:
@@ -269,7 +273,7 @@ class TieredExperts:
                     if key in self._held["ram"]:
                         self._evict("ram", key)
                     old = None
-                    need = self.raw_bytes(bits) + self.form_bytes(self.backend, bits)
+                    need = self.read_bytes(bits)
                     if not self._reserve("ram", key, need, evict):
                         self._busy.discard(key)
                         return None
@@ -355,7 +359,7 @@ class TieredExperts:
             if key in self._held["ram"] or key in self._busy or key in self._inflight:
                 return
             t = self.tiers["ram"]
-            need = self.expert_bytes(self.bits)
+            need = self.read_bytes(self.bits)
             victims = self.policy.victims(key, need, t, list(self._pinned) + list(self._busy))
             if victims is None or not all(v in self._held["ram"] for v in victims):
                 return

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.metrics import CostCheck, Metrics, StepPredictor, percentiles, routed_counts
+from daemon.costcheck import CostCheck, StepPredictor, routed_counts
+from daemon.metrics import Metrics, percentiles
 
 PROFILE = Path(__file__).resolve().parents[2] / "bench" / "results" / "profile_this_machine.json"
 
