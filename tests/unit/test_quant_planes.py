@@ -61,6 +61,25 @@ def test_first_r_planes_are_the_top_r_bits(q, r):
     assert torch.equal(unpack_planes(planes[:r], tuple(q.shape)), q >> (8 - r))
 
 
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 300), st.integers(1, 8), st.integers(0, 2**31 - 1))
+def test_planes_match_packbits_for_any_length_and_input_kind(n8, r, seed):
+    """Lengths that are not a multiple of 64 codes (or zero), each r, and plane inputs that are a
+    non-contiguous tensor or a read-only numpy view of bytes, against np.packbits."""
+    q = np.random.default_rng(seed).integers(0, 256, size=8 * n8, dtype=np.uint8)
+    ref = np.packbits((q[None, :] >> np.arange(7, -1, -1, dtype=np.uint8)[:, None]) & 1, axis=1, bitorder="big")
+    planes = pack_planes(torch.from_numpy(q.reshape(n8, 8).T.copy()).t())  # non-contiguous codes, same order
+    assert planes.dtype == torch.uint8 and np.array_equal(planes.numpy(), ref)
+    assert np.array_equal(pack_planes(torch.from_numpy(q), r).numpy(), ref[:r])
+    want = torch.from_numpy(q >> (8 - r)).reshape(2, 4 * n8)
+    wide = torch.zeros(r, 2 * n8, dtype=torch.uint8)
+    wide[:, ::2] = planes[:r]
+    read_only = np.frombuffer(ref[:r].tobytes(), dtype=np.uint8).reshape(r, n8)
+    for given_planes in (planes[:r], wide[:, ::2], read_only):
+        got = unpack_planes(given_planes, (2, 4 * n8))
+        assert got.dtype == torch.uint8 and torch.equal(got, want)
+
+
 def test_plane_order_is_msb_first_and_high_bit_first_in_a_byte():
     q = torch.tensor([0b10000000, 0, 0, 0, 0, 0, 0, 0b00000001], dtype=torch.uint8)
     planes = pack_planes(q)
@@ -126,3 +145,5 @@ def test_unpack_rejects_mismatched_shapes():
         unpack_planes(torch.zeros(3, 4, dtype=torch.uint8), (5, 8))
     with pytest.raises(ValueError):
         pack_planes(torch.zeros(7, dtype=torch.uint8))
+    with pytest.raises(TypeError):
+        unpack_planes(torch.zeros(2, 1, dtype=torch.int8), (8,))
