@@ -1,8 +1,8 @@
 """Compute backends for quantised experts, registered by name: reference, torch, onnxruntime, cuda."""
 
 from quant.kernels.base import (ACTIVATIONS, Backend, PreparedExpert, activation, available_backends, backend_names,
-                                get_backend)
+                                fast_cpu_backend, get_backend)
 from quant.kernels import cuda, onnx, reference, torch_cpu  # noqa: F401  (importing registers the backends)
 
 __all__ = ["ACTIVATIONS", "Backend", "PreparedExpert", "activation", "available_backends", "backend_names",
-           "get_backend"]
+           "fast_cpu_backend", "get_backend"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -31,6 +32,9 @@ class Backend:
 
     name: ClassVar[str] = ""
     device: ClassVar[str] = "cpu"
+    # True: ffn/linear calls on different experts may run at the same time, each on one thread, on
+    # `pool`'s workers; False: one call at a time, each using the library's own threads
+    concurrent: ClassVar[bool] = False
     _registry: ClassVar[dict[str, type["Backend"]]] = {}
 
     def __init_subclass__(cls, *, name: str, **kw) -> None:
@@ -61,6 +65,9 @@ class Backend:
         forms = tuple(self.prepare(v) for v in (views.gate, views.up, views.down))
         return PreparedExpert(forms, act, views.bits, sum(self.form_nbytes(f) for f in forms))
 
+    def close(self) -> None:
+        """Stop any workers the backend started."""
+
     def ffn(self, x: torch.Tensor, e: PreparedExpert) -> torch.Tensor:
         """The expert's output for x [T, D], float32 [T, D]."""
         gate, up, down = e.forms
@@ -69,14 +76,24 @@ class Backend:
 
 
 def get_backend(name: str, **options: Any) -> Backend:
-    """A backend instance by name; ValueError if unknown or unavailable here."""
+    """A backend instance by name; ValueError if unknown or unavailable here. Without options it is the
+    process's shared instance of that backend (one set of workers for the dense layers and the experts)."""
     cls = Backend._registry.get(name)
     if cls is None:
         raise ValueError(f"unknown kernel backend {name!r} (known: {', '.join(backend_names())})")
     if not cls.available():
         raise ValueError(f"kernel backend {name!r} is not available on this machine "
                          f"(available: {', '.join(available_backends())})")
-    return cls(**options)
+    if options:
+        return cls(**options)
+    with _SHARED_LOCK:
+        if name not in _SHARED:
+            _SHARED[name] = cls()
+        return _SHARED[name]
+
+
+_SHARED: dict[str, Backend] = {}
+_SHARED_LOCK = threading.Lock()
 
 
 def backend_names() -> tuple[str, ...]:
@@ -87,6 +104,15 @@ def backend_names() -> tuple[str, ...]:
 def available_backends() -> tuple[str, ...]:
     """The registered backends this machine can run."""
     return tuple(n for n, c in Backend._registry.items() if c.available())
+
+
+FAST_CPU_BACKENDS = ("onnxruntime", "torch", "reference")  # fastest first, measured in bench/results/quant_kernels.md
+
+
+def fast_cpu_backend() -> str:
+    """The fastest CPU backend this machine has (FAST_CPU_BACKENDS order)."""
+    have = available_backends()
+    return next(b for b in FAST_CPU_BACKENDS if b in have)
 
 
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quant.kernels import available_backends, backend_names, get_backend
+from quant.kernels import available_backends, backend_names, fast_cpu_backend, get_backend
 from quant.schemes import scheme
 from quant.views import AffineTerm, ExpertViews, QuantView
 
@@ -110,3 +110,49 @@ def test_backends_register_by_name():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="not available"):
             get_backend("cuda")
+
+
+@pytest.mark.cpu
+def test_onnxruntime_expert_keeps_no_reference_to_its_views():
+    """Experts of one shape share a cached graph; each session owns its weights (ORT copies and packs
+    them), so the views' buffers may be reused or freed once prepared."""
+    b = backend("onnxruntime")
+    x = torch.randn(3, D, generator=torch.Generator().manual_seed(7))
+    ref = get_backend("reference")
+    views = [expert("msb", 8, 128, seed=s) for s in (1, 2)]
+    want = [ref.ffn(x, ref.prepare_expert(v, "silu")) for v in views]
+    forms = [b.prepare_expert(v, "silu") for v in views]
+    for v in views:
+        for m in (v.gate, v.up, v.down):
+            for t in m.terms:
+                t.codes.fill_(0)
+                t.scale.fill_(1.0)
+                t.zero.fill_(0.0)
+    for f, w in zip(forms, want):
+        assert rel_err(b.ffn(x, f), w) <= TOLERANCE["onnxruntime"][8]
+
+
+def test_shared_instances_and_fastest_cpu_backend():
+    assert get_backend("reference") is get_backend("reference")  # one set of workers per process
+    assert fast_cpu_backend() == ("onnxruntime" if "onnxruntime" in available_backends() else "torch")
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3])
+def test_onnxruntime_splits_a_dense_matrix_over_its_workers(bits):
+    """A matrix of many rows becomes one session per worker; rows computed apart give the same output."""
+    if "onnxruntime" not in available_backends():
+        pytest.skip("onnxruntime is not available here")
+    g = torch.Generator().manual_seed(bits)
+    s = scheme("msb")
+    view = s.view(s.encode(torch.randn(1024, 256, generator=g), 128), bits)
+    x = torch.randn(3, 256, generator=g)
+    one, two = get_backend("onnxruntime", threads=1), get_backend("onnxruntime", threads=2)
+    try:
+        f1, f2 = one.prepare(view), two.prepare(view)
+        assert len(f1.parts) == 1 and len(f2.parts) == 2 and two.concurrent
+        y1, y2 = one.linear(x, f1), two.linear(x, f2)
+        assert y2.shape == (3, 1024) and torch.equal(y1, y2)
+        assert rel_err(y2, x @ view.dequantize().T) < TOLERANCE["onnxruntime"][bits]
+    finally:
+        one.close()
+        two.close()
