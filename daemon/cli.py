@@ -35,6 +35,8 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
                    "the experts' 8-bit bytes (25%%); the rest is read from flash when used")
     p.add_argument("--vram-budget", metavar="SIZE", help="GPU memory for experts, same forms (needs a GPU)")
     p.add_argument("--policy", choices=tuple(CACHE_POLICIES), help="expert cache policy (default moed)")
+    p.add_argument("--dense-bits", type=int, choices=(8,), help="hold the dense weights (attention, shared and "
+                   "dense MLPs, lm_head, embedding) at 8 bits, as a Q8_0 GGUF does (default: as stored)")
 
 
 def offload_options(a: argparse.Namespace):
@@ -74,14 +76,14 @@ def cmd_generate(a: argparse.Namespace) -> int:
     except ValueError as e:
         raise MoedError(str(e)) from None
     offload = offload_options(a)
-    if (not a.in_process and offload is None and not a.record_trace
+    if (not a.in_process and offload is None and not a.record_trace and a.dense_bits is None
             and (a.socket or a.tcp or not a.model)):
         # a running daemon serves it
         from daemon.client import daemon_target, generate_via_daemon
         target = daemon_target(a.socket, a.tcp)
         if target is not None:
             return generate_via_daemon(target, a.prompt, a.chat, params, a.model or "", a.json)
-    lm = load_model(a.model or default_model_path(), offload=offload)
+    lm = load_model(a.model or default_model_path(), offload=offload, dense_bits=a.dense_bits)
     if a.record_trace:  # profiler/trace.py documents the format
         from profiler.trace import record_trace
         record_trace(lm, a.record_trace)

@@ -115,7 +115,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
              "token_file": a.token_file, "max_batch": a.max_batch, "max_queue": a.max_queue,
              "keep_alive": a.keep_alive, "grace_period": a.grace_period, "threads": a.threads,
              "warmup": False if a.no_warmup else None, "log_level": a.log_level, "bits": a.bits,
-             "ram_budget": a.ram_budget, "vram_budget": a.vram_budget, "policy": a.policy}
+             "ram_budget": a.ram_budget, "vram_budget": a.vram_budget, "policy": a.policy,
+             "dense_bits": a.dense_bits}
     return run_daemon(load_config(a.config, flags=flags))
 
 

@@ -49,6 +49,7 @@ class Config:
     ram_budget: str | None = None  # experts' RAM: bytes (512MiB, 2G) or a percentage of their 8-bit bytes
     vram_budget: str | None = None  # experts' VRAM (GPU), same forms; None: no GPU expert tier
     policy: str = "moed"  # expert cache policy: lru, lfu, score (HybriMoE) or moed
+    dense_bits: int | None = None  # 8: attention, shared/dense MLPs, lm_head and embedding at 8 bits; None: as stored
 
     def offload(self) -> OffloadOptions | None:
         """Tiered-expert options when any of bits / ram_budget / vram_budget is set, else None."""
@@ -78,6 +79,8 @@ class Config:
             split_host_port(self.tcp)
         if self.bits is not None and self.bits != "auto" and not (self.bits.isdigit() and 1 <= int(self.bits) <= 8):
             raise MoedError(f"bits must be 1-8 or auto (got {self.bits!r})")
+        if self.dense_bits not in (None, 8):
+            raise MoedError(f"dense_bits must be 8 (got {self.dense_bits})")
         opts = self.offload()
         try:
             if opts is not None:
@@ -108,7 +111,8 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 KINDS = {"model": str, "socket": str, "tcp": str, "allow_remote": bool, "token": str, "token_file": str,
          "max_batch": int, "max_queue": int, "default_max_tokens": int, "keep_alive": "duration",
          "grace_period": "duration", "threads": int, "warmup": bool, "models_dir": str, "log_level": str,
-         "bits": "amount", "ram_budget": "amount", "vram_budget": "amount", "policy": str}
+         "bits": "amount", "ram_budget": "amount", "vram_budget": "amount", "policy": str,
+         "dense_bits": int}
 
 
 def load_config(file: str | os.PathLike | None = None, env: Mapping[str, str] | None = None,

@@ -126,8 +126,7 @@ class Engine:
         self.config = config
         self.metrics = metrics or Metrics()
         if loader is None:
-            offload = config.offload()
-            loader = load_model if offload is None else functools.partial(load_model, offload=offload)
+            loader = functools.partial(load_model, offload=config.offload(), dense_bits=config.dense_bits)
         self._loader, self.on_state = loader, on_state
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import threading
 from pathlib import Path
 
 from offload.errors import FormatError
@@ -25,6 +26,7 @@ class CountingReader:
         self.bytes_read = 0
         self.reads = 0
         self.trace = trace
+        self._local = threading.local()
         self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         self._direct_fd: int | None = None
         if direct and hasattr(os, "O_DIRECT"):
@@ -42,14 +44,21 @@ class CountingReader:
         """The file's current size."""
         return os.fstat(self._fd).st_size
 
-    def read(self, offset: int, length: int) -> mmap.mmap | bytearray:
-        """Exactly `length` bytes at `offset` (a writable buffer); FormatError if the file ends first."""
+    def read(self, offset: int, length: int, scratch: bool = False) -> mmap.mmap | bytearray | memoryview:
+        """Exactly `length` bytes at `offset` (a writable buffer); FormatError if the file ends first.
+
+        scratch: into this thread's reusable buffer (a view of it, valid until the thread's next scratch
+        read): a stream of reads then reuses memory instead of faulting in fresh pages for each.
+        """
         if offset < 0 or length < 0:
             raise ValueError(f"bad range offset={offset} length={length}")
         aligned = offset % DIRECT_ALIGN == 0 and length % DIRECT_ALIGN == 0 and length > 0
-        buf: mmap.mmap | bytearray
+        buf: mmap.mmap | bytearray | memoryview
+        if scratch:
+            buf = self._scratch(length)
         if aligned and self._direct_fd is not None:
-            buf = mmap.mmap(-1, length)
+            if not scratch:
+                buf = mmap.mmap(-1, length)
             try:
                 got = self._fill(self._direct_fd, buf, offset)
             except OSError as e:
@@ -59,7 +68,8 @@ class CountingReader:
                 self._direct_fd = None
                 got = self._fill(self._fd, buf, offset)
         else:
-            buf = bytearray(length)
+            if not scratch:
+                buf = bytearray(length)
             got = self._fill(self._fd, buf, offset)
         self.bytes_read += got
         self.reads += 1
@@ -69,6 +79,13 @@ class CountingReader:
             raise FormatError(f"short read at offset {offset}: got {got} of {length} bytes (file truncated?)",
                               self.path)
         return buf
+
+    def _scratch(self, length: int) -> memoryview:
+        """This thread's scratch buffer (page-aligned, for O_DIRECT), at least `length` bytes."""
+        view = getattr(self._local, "view", None)
+        if view is None or len(view) < length:  # the old one goes when the last view of it does
+            view = self._local.view = memoryview(mmap.mmap(-1, max(length, DIRECT_ALIGN)))
+        return view[:length]
 
     @staticmethod
     def _fill(fd: int, buf, offset: int) -> int:

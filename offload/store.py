@@ -24,8 +24,13 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.
 class Store:
     """A moed model directory opened for reading; every inconsistency is a FormatError naming file and extent."""
 
-    def __init__(self, path: str | Path, direct: bool = True, trace: list | None = None) -> None:
+    def __init__(self, path: str | Path, direct: bool = True, trace: list | None = None,
+                 verify_once: bool = True) -> None:
         self.path = Path(path)
+        # an expert section's checksum is checked when it is first read (a damaged byte fails its first
+        # use); later reads of it, streaming the same expert again, skip the check (~0.4 ms per MiB)
+        self.verify_once = verify_once
+        self._verified: set[tuple[int, int, int]] = set()
         self.manifest = Manifest.read(self.path / MANIFEST)
         m = self.manifest
         where = self.path / MANIFEST
@@ -119,42 +124,15 @@ class Store:
             raise FormatError(f"tokenizer is not UTF-8: {e}", self.path / TOKENIZER) from None
 
     def dense_tensors(self) -> dict[str, torch.Tensor]:
-        """Every dense tensor, read once and checked extent by extent."""
-        f = self.manifest.files[DENSE]
-        buf = self._verified_file(f)
-        path = self.path / DENSE
-        if len(buf) < 8:
-            raise FormatError("safetensors file is shorter than its header length", path)
-        (n,) = struct.unpack_from("<Q", buf, 0)
-        if 8 + n > len(buf):
-            raise FormatError(f"safetensors header length {n} runs past the end of the file", path)
-        try:
-            header = json.loads(bytes(buf[8:8 + n]).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise FormatError(f"safetensors header is not valid JSON: {e}", path) from None
-        listed = {e.name: e for e in f.extents if e.name != "header"}
-        out: dict[str, torch.Tensor] = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            e = listed.get(name)
-            dtype = SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
-            if e is None or dtype is None:
-                raise FormatError(f"tensor {name} is not in the manifest or has an unsupported dtype", path)
-            try:
-                begin, end = (int(v) for v in info["data_offsets"])
-                shape = [int(d) for d in info["shape"]]
-            except (KeyError, TypeError, ValueError):
-                raise FormatError(f"tensor {name}: malformed safetensors header entry", path) from None
-            numel = 1
-            for d in shape:
-                numel *= d
-            if (8 + n + begin, end - begin) != (e.offset, e.length) or numel * dtype.itemsize != e.length:
-                raise FormatError(f"extent {name}: the safetensors header and the manifest disagree", path)
-            out[name] = torch.frombuffer(buf, dtype=dtype, count=numel, offset=e.offset).reshape(shape)
-        if set(out) != set(listed):
-            raise FormatError(f"tensors {sorted(set(listed) - set(out))} are in the manifest but not the file", path)
+        """Every dense tensor, each read and checked on its own."""
+        d = self.dense()
+        out = {name: d.tensor(name) for name in d.names}
+        d.check_unread()
         return out
+
+    def dense(self) -> "DenseReader":
+        """The dense weights file, header read and checked against the manifest; tensors read on request."""
+        return DenseReader(self.path / DENSE, self.manifest.files[DENSE])
 
     def _verified_file(self, f: FileEntry) -> bytearray:
         with CountingReader(self.path / f.name, direct=False) as r:
@@ -169,29 +147,37 @@ class Store:
         """Where an expert lives; KeyError if the store lacks it."""
         return self._index[(layer, expert)]
 
-    def read_sections(self, layer: int, expert: int, first: int, stop: int) -> list:
-        """Sections first..stop-1 of an expert (0 = head, 1 + i = plane i) in ONE read, each verified."""
+    def read_sections(self, layer: int, expert: int, first: int, stop: int, scratch: bool = False) -> list:
+        """Sections first..stop-1 of an expert (0 = head, 1 + i = plane i) in ONE read, each verified the
+        first time it is read (with verify_once, the default; every time otherwise).
+
+        scratch: the read goes into this thread's reusable buffer (CountingReader.read); the sections are
+        valid until the thread's next scratch read, for a caller that makes its own form of them first.
+        """
         x = self.extent(layer, expert)
         if not 0 <= first < stop <= self.layout.sections:
             raise ValueError(f"bad section range {first}..{stop}")
         start = self.layout.section_offset(first)
         length = self.layout.section_offset(stop) - start
-        buf = self.reader.read(x.offset + start, length)
+        buf = self.reader.read(x.offset + start, length, scratch)
         out, at = [], 0
         for s in range(first, stop):
             n = self.layout.section_length(s)
             piece = memoryview(buf)[at:at + n]
-            self._verify(piece, 0, n, x.checksums[s], f"extent layer {layer} expert {expert} {section_name(s)}",
-                         self.path / EXPERTS, x.offset + start + at)
+            if (layer, expert, s) not in self._verified:
+                self._verify(piece, 0, n, x.checksums[s], f"extent layer {layer} expert {expert} {section_name(s)}",
+                             self.path / EXPERTS, x.offset + start + at)
+                if self.verify_once:
+                    self._verified.add((layer, expert, s))
             out.append(piece)
             at += n
         return out
 
-    def read_expert(self, layer: int, expert: int, bits: int) -> list:
+    def read_expert(self, layer: int, expert: int, bits: int, scratch: bool = False) -> list:
         """The r-bit prefix of an expert (head and planes 0..bits-1) as verified sections."""
         if not 1 <= bits <= PLANES:
             raise ValueError(f"bits must be in 1..{PLANES}, got {bits}")
-        return self.read_sections(layer, expert, 0, bits + 1)
+        return self.read_sections(layer, expert, 0, bits + 1, scratch)
 
     def views(self, sections: list, bits: int) -> ExpertViews:
         """The `bits`-bit views of gate, up and down from an expert's first bits + 1 sections."""
@@ -214,6 +200,87 @@ class Store:
     def close(self) -> None:
         """Close the experts file."""
         self.reader.close()
+
+
+class DenseReader:
+    """The dense safetensors file of a store: every header entry checked against the manifest on open, each
+    tensor read with its own positioned read and checked against its extent's checksum when asked for (so a
+    model never holds the whole file at once); `check_unread` verifies whatever no one asked for."""
+
+    def __init__(self, path: Path, f: FileEntry) -> None:
+        self.path, self.file = path, f
+        self._reader = CountingReader(path, direct=False)
+        extents = {e.name: e for e in f.extents}
+        head = extents.get("header")
+        if head is None or head.offset != 0 or head.length < 8:
+            raise FormatError("the manifest lists no safetensors header extent", path)
+        buf = self._reader.read(0, head.length)
+        Store._verify(buf, 0, head.length, head.checksum, "extent header", path, 0)
+        (n,) = struct.unpack_from("<Q", buf, 0)
+        if 8 + n != head.length:
+            raise FormatError(f"safetensors header length {n} disagrees with the manifest's header extent", path)
+        try:
+            header = json.loads(bytes(buf[8:8 + n]).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise FormatError(f"safetensors header is not valid JSON: {e}", path) from None
+        self._tensors: dict[str, tuple[Extent, torch.dtype, list[int]]] = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            e = extents.get(name)
+            dtype = SAFETENSORS_DTYPES.get(info.get("dtype")) if isinstance(info, dict) else None
+            if e is None or dtype is None:
+                raise FormatError(f"tensor {name} is not in the manifest or has an unsupported dtype", path)
+            try:
+                begin, end = (int(v) for v in info["data_offsets"])
+                shape = [int(d) for d in info["shape"]]
+            except (KeyError, TypeError, ValueError):
+                raise FormatError(f"tensor {name}: malformed safetensors header entry", path) from None
+            numel = 1
+            for d in shape:
+                numel *= d
+            if (8 + n + begin, end - begin) != (e.offset, e.length) or numel * dtype.itemsize != e.length:
+                raise FormatError(f"extent {name}: the safetensors header and the manifest disagree", path)
+            self._tensors[name] = (e, dtype, shape)
+        listed = {e.name for e in f.extents if e.name != "header" and not e.name.startswith("gap at ")}
+        if set(self._tensors) != listed:
+            raise FormatError(f"tensors {sorted(listed - set(self._tensors))} are in the manifest but not the file",
+                              path)
+        if self._reader.size() != f.size:
+            raise FormatError(f"file is {self._reader.size()} bytes but the manifest says {f.size}", path)
+        self._unread = {e.name for e in f.extents if e.name != "header"}
+
+    @property
+    def names(self) -> list[str]:
+        """The tensors in the file."""
+        return list(self._tensors)
+
+    def tensor(self, name: str) -> torch.Tensor | None:
+        """One tensor, read and verified now (None if the file has no such tensor)."""
+        got = self._tensors.get(name)
+        if got is None:
+            return None
+        e, dtype, shape = got
+        buf = self._read(e)
+        if not e.length:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+    def check_unread(self) -> None:
+        """Verify every extent no tensor() call has read (unused tensors, gaps between them)."""
+        for e in self.file.extents:
+            if e.name in self._unread:
+                self._read(e)
+
+    def _read(self, e: Extent):
+        buf = self._reader.read(e.offset, e.length)
+        Store._verify(buf, 0, e.length, e.checksum, f"extent {e.name}", self.path, e.offset)
+        self._unread.discard(e.name)
+        return buf
+
+    def close(self) -> None:
+        """Close the file."""
+        self._reader.close()
 
 
 def dense_extents(path: Path) -> tuple[Extent, ...]:

@@ -149,6 +149,8 @@ class TieredExperts:
         self._held: dict[str, dict[Key, Held]] = {"ram": {}, "vram": {}}
         self.stats = {"ram": TierStats(), "vram": TierStats()}
         self.links = {"flash->ram": LinkView("flash", "ram"), "ram->vram": LinkView("ram", "vram")}
+        self._link_active = {link: 0 for link in self.links}
+        self._link_since = {link: 0.0 for link in self.links}
         self._cv = threading.Condition()
         self._pinned: dict[Key, int] = {}
         self._busy: set[Key] = set()  # being read (their reservation is not evictable)
@@ -226,11 +228,22 @@ class TieredExperts:
         self.stats[tier].peak = max(self.stats[tier].peak, t.used)
         return True
 
-    def _moved(self, link: str, nbytes: int, seconds: float) -> None:
-        """Count one transfer over a link (lock held)."""
+    def _link_begin(self, link: str) -> None:
+        """A transfer over `link` starts (lock held)."""
+        if self._link_active[link] == 0:
+            self._link_since[link] = time.perf_counter()
+        self._link_active[link] += 1
+
+    def _moved(self, link: str, nbytes: int) -> None:
+        """A transfer over a link ends, having moved nbytes (0: failed) (lock held). The link's busy time
+        is the time at least one transfer was under way: transfers side by side count once, so
+        busy / transfers is the time per transfer at the throughput the link reached."""
+        self._link_active[link] -= 1
         k = self.links[link]
-        self.links[link] = LinkView(k.source, k.target, k.bytes_moved + nbytes, k.transfers + 1,
-                                    k.busy_seconds + seconds)
+        busy = k.busy_seconds
+        if self._link_active[link] == 0:
+            busy += time.perf_counter() - self._link_since[link]
+        self.links[link] = LinkView(k.source, k.target, k.bytes_moved + nbytes, k.transfers + (nbytes > 0), busy)
 
     def _unpin(self, key: Key) -> None:
         """One use of a pinned expert has ended (lock held)."""
@@ -280,10 +293,10 @@ class TieredExperts:
             except BaseException:
                 self._busy.discard(key)
                 raise
-        t0 = time.perf_counter()
+            self._link_begin("flash->ram")
         try:
-            if old is None:
-                sections = self.store.read_expert(layer, e, bits)
+            if old is None:  # planes not kept: read into this thread's scratch buffer, gone once the form is made
+                sections = self.store.read_expert(layer, e, bits, scratch=not self.keep_planes)
                 got = self.raw_bytes(bits)
             else:
                 sections = old.sections + self.store.read_sections(layer, e, old.bits + 1, bits + 1)
@@ -291,11 +304,12 @@ class TieredExperts:
             form = self.backend.prepare_expert(self.store.views(sections, bits), self.act)
         except BaseException:
             with self._cv:
+                self._moved("flash->ram", 0)
                 self._busy.discard(key)
                 self._release("ram", key, need)
             raise
         with self._cv:
-            self._moved("flash->ram", got, time.perf_counter() - t0)
+            self._moved("flash->ram", got)
             if old is not None:  # the old form is freed now: the tier keeps sections + new form
                 self._release("ram", key, old.form.nbytes)
             if not self.keep_planes:  # only the compute form stays
@@ -344,10 +358,16 @@ class TieredExperts:
             self._reserve("vram", key, nbytes, evict=False)
 
         def copy() -> None:
-            t0 = time.perf_counter()
-            form = self.accel.backend.prepare_expert(self.store.views(held.sections, held.bits), self.act)
             with self._cv:
-                self._moved("ram->vram", form.nbytes, time.perf_counter() - t0)
+                self._link_begin("ram->vram")
+            try:
+                form = self.accel.backend.prepare_expert(self.store.views(held.sections, held.bits), self.act)
+            except BaseException:
+                with self._cv:
+                    self._moved("ram->vram", 0)
+                raise
+            with self._cv:
+                self._moved("ram->vram", form.nbytes)
                 self._held["vram"][key] = Held(held.bits, [], form, nbytes)
                 self._cv.notify_all()
 
@@ -453,10 +473,11 @@ class LayerExperts:
             held.update({e: p._held["ram"][(layer, e)] for e in ram})
         unpinned: set[int] = set()
 
-        def unpin(e: int) -> None:
+        def unpin(e: int) -> None:  # once per expert, whichever comes first: its use ending or an error
             with p._cv:
-                unpinned.add(e)
-                p._unpin((layer, e))
+                if e not in unpinned:
+                    unpinned.add(e)
+                    p._unpin((layer, e))
 
         try:
             rows = {e: tok for e, tok, _ in groups}
@@ -467,16 +488,29 @@ class LayerExperts:
                 done[e] = p.accel.compute.submit(p.accel.backend.ffn, x[rows[e]], held[e].form)
                 done[e].add_done_callback(lambda _f, e=e: unpin(e))
             self._prefetch_next(x)
+            cpu = p.backend
             for e in sorted(ram, key=lambda e: (counts[e], e)):
-                done[e] = p.backend.ffn(x[rows[e]], held[e].form)
-                unpin(e)
+                if cpu.concurrent:  # side by side on the backend's workers
+                    done[e] = cpu.pool.submit(cpu.ffn, x[rows[e]], held[e].form)
+                    done[e].add_done_callback(lambda _f, e=e: unpin(e))
+                else:
+                    done[e] = cpu.ffn(x[rows[e]], held[e].form)
+                    unpin(e)
+
+            def keep(e: int, h: Held) -> None:
+                if p._keep((layer, e), h):
+                    p._to_accel((layer, e), h)
+
             while fetches:  # in the order reads complete: a streamed expert frees its room after its use
                 ready, _ = wait(list(fetches.values()), return_when=FIRST_COMPLETED)
                 for e in [e for e, f in fetches.items() if f in ready]:
                     h = fetches.pop(e).result()
-                    done[e] = p.backend.ffn(x[rows[e]], h.form)
-                    if p._keep((layer, e), h):
-                        p._to_accel((layer, e), h)
+                    if cpu.concurrent:
+                        done[e] = cpu.pool.submit(cpu.ffn, x[rows[e]], h.form)
+                        done[e].add_done_callback(lambda _f, e=e, h=h: keep(e, h))
+                    else:
+                        done[e] = cpu.ffn(x[rows[e]], h.form)
+                        keep(e, h)
             out = torch.zeros_like(x)
             for e, tok, wt in groups:  # ascending expert id, wherever each ran
                 y = done[e].result() if isinstance(done[e], Future) else done[e]
@@ -488,11 +522,8 @@ class LayerExperts:
                     p._keep((layer, e), f.result())
                 except Exception:  # noqa: BLE001 - the first error is the one raised
                     pass
-            with p._cv:
-                for e in ram:
-                    if e not in unpinned:
-                        unpinned.add(e)
-                        p._unpin((layer, e))
+            for e in ram:
+                unpin(e)
 
     def _prefetch_next(self, x: torch.Tensor) -> None:
         """Predict the next MoE layer's experts with its router on this layer's input; read them ahead."""

@@ -34,4 +34,4 @@ class LinkView:
     target: str
     bytes_moved: int = 0
     transfers: int = 0
-    busy_seconds: float = 0.0
+    busy_seconds: float = 0.0  # time at least one transfer was under way (side-by-side transfers count once)

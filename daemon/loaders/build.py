@@ -17,6 +17,8 @@ from daemon.loaders.checkpoint import Checkpoint
 from daemon.models import architecture
 from daemon.models.args import ModelArgs
 from daemon.models.moe import ExpertProvider, ExpertWeights, InMemoryExperts
+from daemon.models.qdense import quantize_dense
+from quant.kernels import fast_cpu_backend, get_backend
 from daemon.models.transformer import CausalLM
 from daemon.tokenizer import Tokenizer
 from offload.manifest import MANIFEST
@@ -78,13 +80,18 @@ def stored_copy(source: Path) -> Path:
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, bits: int | None = None,
-               kernel: str | None = None, offload: OffloadOptions | None = None) -> LoadedModel:
+               kernel: str | None = None, offload: OffloadOptions | None = None,
+               dense_bits: int | None = None) -> LoadedModel:
     """Load a Hugging Face folder, GGUF file or moed store into a runnable model.
 
     `bits` (1..8) and `kernel` (a quant backend name) apply to moed stores: every routed expert is
     read at that many bits and computed by that backend. `offload` holds the experts within memory
     budgets (a Hugging Face folder or GGUF file is converted to a store first, once, see stored_copy).
+    `dense_bits` 8 holds the dense weights (attention, shared and dense MLPs, lm_head, embedding) at
+    8 bits (daemon.models.qdense); None keeps them in `dtype`.
     """
+    if dense_bits not in (None, 8):
+        raise MoedError(f"dense bits must be 8 (got {dense_bits})")
     if offload is not None:
         try:
             offload.validate()
@@ -99,19 +106,33 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, bits
         raise MoedError("--bits needs a moed model directory (make one with `moed convert`)", ckpt.path)
     arch, args, model = skeleton(ckpt)
     renames = getattr(arch, "RENAMES", ())
-    state = {}
-    for name, p in model.state_dict().items():
+    shapes = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+
+    def fetch(name: str) -> torch.Tensor:
         if name == "lm_head.weight" and args.tie_word_embeddings:
-            continue
-        state[name] = checked_tensor(ckpt, name, tuple(p.shape), renames).to(dtype)
-    if args.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+            name = "model.embed_tokens.weight"
+        return checked_tensor(ckpt, name, shapes[name], renames)
+
+    backends = []
+    if dense_bits:  # each weight is read, quantised and dropped in turn: the float weights are never all held
+        backends.append(get_backend(fast_cpu_backend()))
+        quantize_dense(model, backends[0].name, dtype, fetch)
+    tied = args.tie_word_embeddings
+    state = {name: fetch(name).to(dtype) for name in model.state_dict() if not (tied and name == "lm_head.weight")}
+    if tied and "lm_head.weight" in model.state_dict():  # one tensor for both, as in the checkpoint
+        emb = state.get("model.embed_tokens.weight")
+        state["lm_head.weight"] = emb if emb is not None else fetch("lm_head.weight").to(dtype)
     model.load_state_dict(state, strict=True, assign=True)
+    del state
+    if hasattr(ckpt, "check_unread"):
+        ckpt.check_unread()
     if store:  # quantised experts stay in the store's form
         provider = ckpt.expert_provider(args, model.moe_layers, bits, kernel, offload)
         if hasattr(provider, "attach_routers"):
             provider.attach_routers({i: model.model.layers[i].mlp.gate for i in model.moe_layers})
-        return _finish(model, provider, ckpt, args)
+        if hasattr(provider, "backend"):
+            backends.append(provider.backend)
+        return _finish(model, provider, ckpt, args, backends)
     layers = {}
     e, d = args.num_experts, args.hidden_size
     inter = args.moe_intermediate_size
@@ -126,10 +147,15 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, bits
                 raise FormatError(f"layer {i} expert {part} weights have shape {got} but the config implies {want}",
                                   ckpt.path)
         layers[i] = ExpertWeights(w.gate.to(dtype), w.up.to(dtype), w.down.to(dtype))
-    return _finish(model, InMemoryExperts(layers, args.hidden_act), ckpt, args)
+    return _finish(model, InMemoryExperts(layers, args.hidden_act), ckpt, args, backends)
 
 
-def _finish(model: CausalLM, provider, ckpt: Checkpoint, args: ModelArgs) -> LoadedModel:
+def _finish(model: CausalLM, provider, ckpt: Checkpoint, args: ModelArgs, backends: list) -> LoadedModel:
+    if any(b.concurrent for b in backends):
+        # the backend's workers run its sessions side by side on the CPU threads torch was given; torch's own
+        # (small) ops then take one thread: its OpenMP workers spinning between them would slow the
+        # backend's (measured: 31 vs 22 decode tok/s, bench/offload_cpu.py's model at a 100% budget)
+        torch.set_num_threads(1)
     model.attach_experts(provider)
     model.eval()
     tokenizer = ckpt.tokenizer()

@@ -18,13 +18,11 @@ from offload.layout import MATRICES
 from offload.manifest import MANIFEST
 from offload.provider import StoreExperts
 from offload.tiered import OffloadOptions, TieredExperts, tiered_experts
-from offload.store import Store
+from offload.store import DenseReader, Store
+from quant.kernels import fast_cpu_backend
 from quant.planes import PLANES
 
 DEFAULT_KERNEL = "reference"
-# tiered experts count their compute forms against the budgets: torch's int8/int4 forms hold about
-# a byte per weight at 8 bits where the reference's float32 form holds four
-OFFLOAD_KERNEL = "torch"
 
 
 class StoreCheckpoint(Checkpoint):
@@ -34,12 +32,19 @@ class StoreCheckpoint(Checkpoint):
         self.path = Path(path)
         self.store = Store(self.path)
         self.config = dict(self.store.manifest.config)
-        self._dense: dict[str, torch.Tensor] | None = None
+        self._dense: DenseReader | None = None
 
     def tensor(self, name: str) -> torch.Tensor | None:
+        """A dense tensor, read and verified when asked for (the loader asks for each once)."""
         if self._dense is None:
-            self._dense = self.store.dense_tensors()
-        return self._dense.get(name)
+            self._dense = self.store.dense()
+        return self._dense.tensor(name)
+
+    def check_unread(self) -> None:
+        """Verify the dense file's extents no tensor() call read."""
+        if self._dense is None:
+            self._dense = self.store.dense()
+        self._dense.check_unread()
 
     def where(self, name: str) -> Path:
         return self.path / "dense.safetensors"
@@ -86,7 +91,7 @@ class StoreCheckpoint(Checkpoint):
             if offload is not None:
                 if bits is not None:
                     offload = dataclasses.replace(offload, bits=bits)
-                return tiered_experts(self.store, offload, kernel or OFFLOAD_KERNEL, args.hidden_act)
+                return tiered_experts(self.store, offload, kernel or fast_cpu_backend(), args.hidden_act)
             provider = StoreExperts(self.store, PLANES if bits is None else bits, kernel or DEFAULT_KERNEL,
                                     args.hidden_act)
         except ValueError as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from offload.routing import Routing
 from offload.store import Store
 from offload.tiered import (Accelerator, Budgets, ExpertSizes, OffloadOptions, TieredExperts, parse_amount,
                             tiered_experts)
-from quant.kernels import get_backend
+from quant.kernels import fast_cpu_backend, get_backend
 
 MOED = [sys.executable, "-m", "daemon.cli"]
 PROMPT = "The expert said that the cache"
@@ -60,17 +61,18 @@ def budget_checker(p: TieredExperts):
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("policy", ["moed", "lru", "score"])
 def test_quarter_ram_budget_streams_from_flash_and_generates_the_same_tokens(store_dir, bits, policy):
-    full = load_model(store_dir, bits=bits, kernel="torch")
+    full = load_model(store_dir, bits=bits, kernel=fast_cpu_backend())  # the tiered experts' kernel
     assert isinstance(full.experts, StoreExperts)
     want = greedy(full)
-    lm = load_model(store_dir, offload=OffloadOptions(bits=bits, ram_budget="25%", policy=policy))  # torch kernel
+    lm = load_model(store_dir, offload=OffloadOptions(bits=bits, ram_budget="25%", policy=policy))
     p = lm.experts
     assert isinstance(p, TieredExperts) and p.bits == bits
     total = p.expert_bytes(8) * p.experts_total  # a percentage is of the experts' 8-bit bytes
     assert p.tiers["ram"].capacity == int(0.25 * total)
     check, calls = budget_checker(p)
-    before = p.bytes_read
+    before, busy, t0 = p.bytes_read, p.links["flash->ram"].busy_seconds, time.perf_counter()
     got = greedy(lm, check=check)
+    elapsed = time.perf_counter() - t0
     assert got == want
     assert len(calls) > 24 * 2  # checked at every layer's routing and after every token
     tier = p.tier_views()[0]
@@ -78,6 +80,7 @@ def test_quarter_ram_budget_streams_from_flash_and_generates_the_same_tokens(sto
     assert p.bytes_read - before > p.tiers["ram"].capacity  # it really streamed more than it can hold
     link = {(k.source, k.target): k for k in p.link_views()}[("flash", "ram")]
     assert link.bytes_moved >= p.bytes_read - before and link.transfers >= tier.misses
+    assert 0 < link.busy_seconds - busy <= elapsed  # transfers side by side count once
     assert p.stats["ram"].peak <= p.tiers["ram"].capacity
     p.close()
 

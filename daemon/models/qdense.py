@@ -1,0 +1,125 @@
+"""Dense weights at 8 bits: a model's linear layers and token embedding quantised per group at load.
+
+The routed experts have their own store and kernels; this is the rest of the model (attention
+projections, shared experts, dense MLP layers, lm_head, embedding), which a llama.cpp Q8_0 file
+also holds at 8 bits. Each matrix is min-max quantised per group of the largest of 128, 64, 32
+dividing its rows (quant.groups.quantize); a matrix with no such group stays as it is, and so do the
+routers and gates of fewer than MIN_OUTPUTS outputs (a routing decision is worth more than the bytes).
+Linear layers run on a quant kernel backend (onnxruntime's MatMulNBits where available); the
+embedding dequantises the rows it looks up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from quant.groups import GROUP_SIZES, GroupCodes, quantize
+from quant.kernels import Backend, fast_cpu_backend, get_backend
+from quant.views import msb_view
+
+MIN_OUTPUTS = 16  # a linear layer with fewer outputs is a gate (e.g. Qwen2-MoE's shared-expert gate): kept
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W^T (+ bias) with W held in a backend's compute form of its 8-bit codes."""
+
+    def __init__(self, backend: Backend, form, in_features: int, out_features: int, bias: torch.Tensor | None,
+                 nbytes: int) -> None:
+        super().__init__()
+        self.backend, self.form = backend, form
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.nbytes = nbytes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = self.backend.linear(x.reshape(-1, self.in_features).float(), self.form).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.backend.name}"
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding table as 8-bit codes per group; looked-up rows are dequantised."""
+
+    def __init__(self, q: GroupCodes) -> None:
+        super().__init__()
+        self.register_buffer("codes", q.codes, persistent=False)
+        self.register_buffer("scale", q.scale, persistent=False)
+        self.register_buffer("minimum", q.minimum, persistent=False)
+        self.group = q.group
+        self.num_embeddings, self.embedding_dim = q.codes.shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        c = self.codes[flat].float().reshape(flat.numel(), -1, self.group)
+        rows = c * self.scale[flat].float()[..., None] + self.minimum[flat].float()[..., None]
+        return rows.reshape(*ids.shape, self.embedding_dim)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: codes and per-group params."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.minimum))
+
+
+def group_for(k: int) -> int | None:
+    """The largest supported group size dividing a row of length k, or None."""
+    return next((g for g in sorted(GROUP_SIZES, reverse=True) if k % g == 0), None)
+
+
+def quantize_rows(w: torch.Tensor, group: int, rows: int = 4096) -> GroupCodes:
+    """quantize(w, 8, group) a block of rows at a time: one block in float32 at once, not the whole matrix."""
+    parts = [quantize(w[i:i + rows].float(), 8, group) for i in range(0, w.shape[0], rows)]
+    return GroupCodes(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
+                      torch.cat([p.minimum for p in parts]), 8, group)
+
+
+def replaceable(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Module, int]]:
+    """(qualified name, parent, attribute, module, group) of every layer quantize_dense replaces."""
+    for pname, parent in model.named_modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Linear) and child.out_features >= MIN_OUTPUTS:
+                group = group_for(child.in_features)
+            elif isinstance(child, nn.Embedding):
+                group = group_for(child.embedding_dim)
+            else:
+                continue
+            if group is not None:
+                yield f"{pname}.{name}" if pname else name, parent, name, child, group
+
+
+def quantizable(model: nn.Module) -> set[str]:
+    """State-dict names of the weights quantize_dense replaces."""
+    return {f"{qname}.weight" for qname, *_ in replaceable(model)}
+
+
+def quantize_dense(model: nn.Module, kernel: str | None = None, dtype: torch.dtype = torch.float32,
+                   fetch: Callable[[str], torch.Tensor] | None = None) -> dict[str, int]:
+    """Replace the model's linear layers (routers and small gates excepted) and token embedding with
+    8-bit ones, in place; biases become `dtype`. `fetch(name)` gives a parameter by its state-dict name
+    (default: the module's own), so a loader can read each weight just before it is quantised.
+
+    Returns {"quantized": layers replaced, "bytes": bytes the replacements hold}.
+    """
+    backend = get_backend(kernel or fast_cpu_backend())
+    out = {"quantized": 0, "bytes": 0}
+    for qname, parent, name, child, group in list(replaceable(model)):
+        get = fetch or (lambda n, child=child: getattr(child, n.rpartition(".")[2]))
+        q = quantize_rows(get(f"{qname}.weight").detach(), group)
+        if isinstance(child, nn.Embedding):
+            new: nn.Module = QuantEmbedding(q)
+        else:
+            form = backend.prepare(msb_view(q.codes, q.scale, q.minimum, 8, group))
+            bias = None if child.bias is None else get(f"{qname}.bias").detach().to(dtype)
+            new = QuantLinear(backend, form, child.in_features, child.out_features, bias, backend.form_nbytes(form))
+        del q
+        setattr(parent, name, new)
+        out["quantized"] += 1
+        out["bytes"] += new.nbytes
+    return out

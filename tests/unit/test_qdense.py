@@ -1,0 +1,110 @@
+"""Dense weights at 8 bits (daemon.models.qdense): which layers are replaced, what they compute, and a
+trained model's predictions under them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from daemon.config import load_config
+from daemon.errors import MoedError
+from daemon.loaders.build import load_model
+from daemon.models.moe import Router
+from daemon.models.qdense import QuantEmbedding, QuantLinear, group_for, quantize_dense, quantize_rows
+from quant.groups import quantize
+from quant.kernels import available_backends
+
+# relative error of one 8-bit linear layer against float32 on random weights: reference = the quantisation
+# alone (~1/255 of a group's range); torch adds bfloat16 activations, onnxruntime int8 activations
+LINEAR_TOL = {"reference": 6e-3, "torch": 1.5e-2, "onnxruntime": 3e-2}
+HELDOUT = Path(__file__).resolve().parents[1] / "data" / "pydoc_heldout_sample.txt"
+
+
+def test_group_is_the_largest_that_divides_a_row():
+    assert [group_for(k) for k in (2048, 192, 96, 48)] == [128, 64, 32, None]
+
+
+def test_quantize_rows_in_blocks_equals_quantize_at_once():
+    w = torch.randn(300, 256)
+    a, b = quantize_rows(w, 64, rows=128), quantize(w, 8, 64)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale) and torch.equal(a.minimum, b.minimum)
+
+
+def test_embedding_rows_are_the_dequantised_codes():
+    w = torch.randn(50, 64) * 0.1
+    q = quantize(w, 8, 32)
+    emb = QuantEmbedding(q)
+    ids = torch.tensor([[3, 0, 49], [7, 7, 1]])
+    assert torch.equal(emb(ids), q.dequantize()[ids])
+    assert emb.nbytes == 50 * 64 + 2 * 2 * 50 * 2  # codes, fp16 scale and minimum per group
+    assert float((emb(ids) - w[ids]).abs().max()) < float(q.scale.float().max())
+
+
+@pytest.mark.parametrize("kernel", [k for k in LINEAR_TOL if k in available_backends()])
+def test_linear_layers_keep_their_outputs_within_tolerance(kernel):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 384, bias=True), nn.Linear(384, 96, bias=False), nn.Linear(256, 8))
+    x = torch.randn(5, 256)
+    with torch.no_grad():
+        want = [model[0](x), model[1](model[0](x)), model[2](x)]
+    got = quantize_dense(model, kernel)
+    assert got["quantized"] == 2 and isinstance(model[0], QuantLinear) and isinstance(model[1], QuantLinear)
+    assert isinstance(model[2], nn.Linear)  # 8 outputs: a gate, kept
+    with torch.no_grad():
+        y0 = model[0](x)
+        y1 = model[1](y0)
+        assert y0.shape == (5, 384) and y1.shape == (5, 96) and y0.dtype == torch.float32
+        assert float((y0 - want[0]).norm() / want[0].norm()) < LINEAR_TOL[kernel]
+        assert float((y1 - want[1]).norm() / want[1].norm()) < 2 * LINEAR_TOL[kernel]
+        assert torch.equal(model[2](x), want[2])
+        assert model[0](x[None]).shape == (1, 5, 384)  # leading dims pass through
+
+
+def test_a_model_keeps_its_routers_and_norms_in_float(tiny_model):
+    lm = load_model(tiny_model("qwen2_moe"), dense_bits=8)
+    mods = list(lm.model.modules())
+    assert not any(isinstance(m, nn.Linear) and m.out_features >= 16 for m in mods)
+    assert isinstance(lm.model.model.embed_tokens, QuantEmbedding) and isinstance(lm.model.lm_head, QuantLinear)
+    routers = [m for m in mods if isinstance(m, Router)]
+    assert routers and all(r.weight.dtype == torch.float32 for r in routers)
+    ref = load_model(tiny_model("qwen2_moe"))
+    for r, q in zip((m for m in ref.model.modules() if isinstance(m, Router)), routers):
+        assert torch.equal(r.weight, q.weight)
+
+
+def test_trained_model_predicts_the_same_with_dense_8_bits():
+    """On trained weights the 8-bit dense model's top-1 agrees with float32 on held-out text."""
+    from daemon.cli import default_model_path
+    ref, lm = load_model(default_model_path()), load_model(default_model_path(), dense_bits=8)
+    ids = torch.tensor([ref.tokenizer.encode(HELDOUT.read_text(encoding="utf-8"))[:320]])
+    with torch.inference_mode():
+        want = ref.model(ids, ref.model.new_cache(320))[0]
+        got = lm.model(ids, lm.model.new_cache(320))[0]
+    agree = float((want.argmax(-1) == got.argmax(-1)).float().mean())
+    rel = float((got - want).norm() / want.norm())
+    assert agree >= 0.98 and rel < 0.02, (agree, rel)
+
+
+def test_dense_bits_setting_is_checked():
+    assert load_config(None, env={}, flags={"dense_bits": "8"}).dense_bits == 8
+    with pytest.raises(MoedError, match="dense_bits must be 8"):
+        load_config(None, env={}, flags={"dense_bits": 4}).validate()
+    with pytest.raises(MoedError, match="dense bits must be 8"):
+        load_model(HELDOUT, dense_bits=4)
+
+
+def test_generate_with_dense_bits_from_the_command_line():
+    r = subprocess.run([sys.executable, "-m", "daemon.cli", "generate", "--in-process", "--dense-bits", "8",
+                        "--prompt", "The list type", "--max-tokens", "4", "--json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert len(json.loads(r.stdout)["tokens"]) == 4
+    r = subprocess.run([sys.executable, "-m", "daemon.cli", "generate", "--in-process", "--dense-bits", "4",
+                        "--prompt", "x"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--dense-bits" in r.stderr
