@@ -3,15 +3,18 @@
 
 What is measured. A random-weight model with OLMoE-1B-7B layer shapes (hidden 2048, 64 experts,
 top-8, expert width 1024; --layers of them) is written once as a GGUF file at Q8_0 for llama.cpp
-and converted from the same weights into a moed store, whose experts moed runs at 8 bits with
-the torch kernel. For each RAM budget share s (--shares) both engines run under the same memory
+and converted from the same weights into a moed store, whose experts moed runs at 8 bits (and, for
+its own policy, at --extra-bits, e.g. auto: the most bits at which every expert fits the budget) with
+the fastest CPU kernel here (onnxruntime), dense weights at 8 bits (--dense-bits 8, as the Q8_0 file
+holds them). For each RAM budget share s (--shares) both engines run under the same memory
 cap, cap = base + s * E, where E is the bytes of the routed experts in the Q8_0 file and base an
 allowance for everything else (dense weights, KV cache, Python/torch runtime). base is measured
 once: moed runs uncapped with a budget of one token's experts of one layer, and base is its
 peak RSS minus the bytes its RAM tier ever held, plus a margin (MARGIN_SHARE, at least MIN_MARGIN).
-moed's RAM budget is s * E bytes (--moed-budget bytes: the room the cap leaves for experts, the
-same llama.cpp gets) or s of its own experts' bytes (--moed-budget share: `--ram-budget s%`,
-which counts an expert's stored planes and its compute form and may not fit under the cap).
+moed's RAM budget is s of its own experts' bytes (--moed-budget share, the default: what
+`--ram-budget s%` means; onnxruntime's form of an expert takes ~1.1x its Q8_0 bytes, which the
+margin absorbs, and the cap binds it as it binds llama.cpp) or s * E bytes (--moed-budget bytes:
+exactly the room the cap leaves llama.cpp for experts).
 
 How. Every run is a fresh worker process put into a cgroup v1 memory group limited to the cap
 (it writes its own pid into the group before loading anything; `systemd-run --scope -p
@@ -21,23 +24,24 @@ run the model files' pages are dropped from the page cache (posix_fadvise DONTNE
 Each run: --threads threads, the same --prompt-tokens token ids as prompt, greedy decoding of
 --tokens tokens; decode tokens/s = tokens / decode seconds (all decode steps, prefill excluded).
 llama.cpp: Llama(use_mmap=True), eval of the prompt, then one eval per token. moed: load_model
-with OffloadOptions(bits=8, ram_budget, policy) for each --policies, daemon.generate.generate;
+with OffloadOptions(bits, ram_budget, policy) for each --policies and dense_bits=8, daemon.generate.generate;
 expert hit rate and bytes read from the store count the decode steps only.
 
 Simulator check. The uncapped base run records a routing trace (profiler.trace.record_trace);
 the trace simulator replays it on this machine's profile (the stored `moed profile`, else
-bench/results/profile_this_machine.json; moed's runs timed with the torch kernel's expert
-curves) under the matching policy (llama.cpp -> llamacpp, lru -> lru, score -> hybrimoe) with
+bench/results/profile_this_machine.json; moed's runs timed with its kernel's expert curves)
+under the matching policy (llama.cpp -> llamacpp, lru -> lru, score -> hybrimoe) with
 as many experts in RAM as the run could hold, and its decode seconds per token are compared with
 the measured ones. lfu and moed have no simulator policy: no prediction is made for them.
 
 Writes bench/results/offload_cpu.json, .md and .trace.jsonl. The full run takes about as long
-as 1 + 5 * len(shares) model loads and decodes; --quick (tiny shapes) is a smoke test.
+as 1 + (2 + len(policies)) * len(shares) model loads and decodes; --quick (tiny shapes) is a smoke test.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -67,6 +71,7 @@ QUICK = {"hidden_size": 256, "num_experts": 8, "num_experts_per_tok": 2}  # on t
 POLICIES = ("lru", "lfu", "score", "moed")
 SIM_POLICY = {"llama.cpp": "llamacpp", "lru": "lru", "score": "hybrimoe"}
 BITS = 8
+DENSE_BITS = 8
 MARGIN_SHARE, MIN_MARGIN = 0.25, 300 << 20
 CGROUP_V1 = Path("/sys/fs/cgroup/memory")
 MiB = 1 << 20
@@ -84,6 +89,7 @@ class RunSpec:
     decode: int
     threads: int
     policy: str = ""
+    bits: int | str = BITS
     ram_budget: str | int | None = None
     trace: str | None = None
     cgroup_procs: str | None = None  # the worker writes its pid here first thing
@@ -148,14 +154,16 @@ def work_moed(spec: RunSpec) -> dict:
 
     torch.set_num_threads(spec.threads)
     t = time.perf_counter()
-    lm = load_model(spec.model, offload=OffloadOptions(bits=BITS, ram_budget=spec.ram_budget, policy=spec.policy))
+    lm = load_model(spec.model, offload=OffloadOptions(bits=spec.bits, ram_budget=spec.ram_budget, policy=spec.policy),
+                    dense_bits=DENSE_BITS)
     load_s = time.perf_counter() - t
     p = lm.experts
     rec = record_trace(lm, spec.trace) if spec.trace else None
 
     def counters() -> dict:
+        link = p.links["flash->ram"]
         return {"hits": p.stats["ram"].hits, "misses": p.stats["ram"].misses, "bytes_read": p.bytes_read,
-                "disk_read_bytes": disk_read_bytes()}
+                "disk_read_bytes": disk_read_bytes(), "transfers": link.transfers, "link_busy_s": link.busy_seconds}
 
     s = Summary(list(spec.prompt))
     start = None
@@ -169,6 +177,7 @@ def work_moed(spec: RunSpec) -> dict:
     out = {"load_s": load_s, "prefill_s": s.prefill_seconds, "decode_s": s.decode_seconds,
            "decode_tps": s.decode_tps, "step_s": s.step_seconds[1:], "tokens": s.tokens,
            "hits": d["hits"], "misses": d["misses"], "hit_rate": d["hits"] / max(1, d["hits"] + d["misses"]),
+           "transfers": d["transfers"], "link_busy_s": d["link_busy_s"], "read_bytes_per_expert": p.raw_bytes(p.bits),
            "hit_rate_all": ram.hit_rate, "bytes_read": d["bytes_read"], "disk_read_bytes": d["disk_read_bytes"],
            "ram_budget": ram.budget, "ram_peak": p.stats["ram"].peak, "experts_resident": ram.experts_resident,
            "experts_total": ram.experts_total, "expert_bytes": p.expert_bytes(p.bits), "bits": p.bits,
@@ -307,7 +316,7 @@ def measure(spec: RunSpec, method: str, limit: int | None, label: str, files: li
                  "error": tail[-1] if tail else ""}
         r["cap"] = {"method": cap.method, "limit_bytes": limit, **cap.counters()}
     r["page_cache_eviction"] = evicted
-    what = spec.engine + (f" {spec.policy}" if spec.engine == "moed" else "")
+    what = spec.engine + (f" {spec.policy} {spec.bits}" if spec.engine == "moed" else "")
     got = f"{r['decode_tps']:.2f} tok/s" if r["status"] == "ok" else r["status"]
     print(f"[{label}] {what}: {got}", file=sys.stderr, flush=True)
     return r
@@ -359,16 +368,37 @@ def default_machine() -> str:
     return "this" if default_profile_path().exists() else str(ROOT / "bench" / "results" / "profile_this_machine.json")
 
 
-def sim_machines(spec: str) -> dict[str, Machine]:
-    """The machine profile for llama.cpp's replay, and for moed's: expert FFNs timed with the torch kernel only."""
+def sim_machines(spec: str, base_run: dict) -> tuple[dict[str, Machine], dict]:
+    """The machine profile for llama.cpp's replay, and for moed's: expert FFNs timed with moed's kernel only,
+    and a flash read of an expert refined with what moed's engine observed in the base run (which reads
+    nearly every expert it uses): its flash->RAM link's busy time per transfer, which counts the read, the
+    checksums and making the compute form, at the throughput its I/O threads reached side by side."""
     from profiler.costmodel import CostModel
     from profiler.machine import load_machine
 
     m = load_machine(spec)
-    if m.cost is None or not any(op.startswith("ffn:") and op.endswith(":torch") for op in m.cost.ops()):
-        return {"llama.cpp": m, "moed": m}
-    torch_only = {op: c for op, c in m.cost.curves.items() if not op.startswith("ffn:") or op.endswith(":torch")}
-    return {"llama.cpp": m, "moed": replace(m, cost=CostModel(torch_only))}
+    if m.cost is None:
+        return {"llama.cpp": m, "moed": m}, {}
+    kernel = f":{moed_kernel()}"
+    keep = any(op.startswith("ffn:") and op.endswith(kernel) for op in m.cost.ops())
+    moed = CostModel({op: copy.deepcopy(c) for op, c in m.cost.curves.items()
+                      if not (keep and op.startswith("ffn:")) or op.endswith(kernel)})
+    n, busy, nbytes = base_run.get("transfers", 0), base_run.get("link_busy_s", 0.0), base_run["read_bytes_per_expert"]
+    refined = {}
+    if n and busy > 0 and "flash:read" in moed.curves:
+        per = busy / n
+        refined = {"op": "flash:read", "bytes": nbytes, "profiled_s": moed.flash_read(nbytes), "observed_s": per,
+                   "transfers": n}
+        for _ in range(min(n, 100)):  # as the engine would report them, one per transfer
+            moed.observe("flash:read", nbytes, per)
+        refined["refined_s"] = moed.flash_read(nbytes)
+    return {"llama.cpp": m, "moed": replace(m, cost=moed)}, refined
+
+
+def moed_kernel() -> str:
+    """The kernel moed's tiered experts and dense layers run on here."""
+    from quant.kernels import fast_cpu_backend
+    return fast_cpu_backend()
 
 
 def predict(trace: Trace, machine: Machine, policy: str, experts_held: int) -> dict:
@@ -408,10 +438,10 @@ class Setup:
     method: str
 
     def run(self, engine: str, limit: int | None, label: str, policy: str = "", budget: str | int | None = None,
-            trace: Path | None = None) -> dict:
+            trace: Path | None = None, bits: int | str = BITS) -> dict:
         """One measured run of `engine` (moed: at `budget` under `policy`) under a cap of `limit` bytes."""
         model = self.files.gguf if engine == "llama.cpp" else self.files.store
-        spec = RunSpec(engine, str(model), self.prompt, self.tokens, self.threads, policy, budget,
+        spec = RunSpec(engine, str(model), self.prompt, self.tokens, self.threads, policy, bits, budget,
                        None if trace is None else str(trace))
         return measure(spec, self.method, limit, label, self.files.model_files())
 
@@ -440,7 +470,7 @@ def find_base(setup: Setup, trace: Path, given: int | None = None) -> dict:
 
 
 def run_budget(setup: Setup, share: float, base: dict, moed_budget: str, policies: list[str], trace: Trace,
-               sims: dict[str, Machine]) -> dict:
+               sims: dict[str, Machine], extra_bits: list[str]) -> dict:
     """llama.cpp and moed (each policy) at one RAM budget share under one cap, with the simulator's predictions."""
     f = setup.files
     n_total = f.config["num_experts"] * f.config["num_hidden_layers"]
@@ -458,6 +488,9 @@ def run_budget(setup: Setup, share: float, base: dict, moed_budget: str, policie
         sim = SIM_POLICY.get(pol)
         r["simulator"] = compare(predict(trace, sims["moed"], sim, held) if sim else None, r,
                                  f"the simulator has no {pol} policy")
+    for bits in extra_bits:  # moed's own policy at other bit-widths (the same store: a prefix of each expert)
+        r = runs[f"moed {bits}-bit"] = setup.run("moed", cap, f"{label}-moed-{bits}", "moed", budget, bits=bits)
+        r["simulator"] = compare(None, r, "the simulator has no moed policy")
     return {"share": share, "cap_bytes": cap, "moed_ram_budget": budget_bytes, "moed_experts_held": held,
             "llama.cpp": llama, "moed": runs}
 
@@ -471,7 +504,8 @@ def model_record(f: Files, quick: bool, moed_expert: int) -> dict:
             "top_k": cfg["num_experts_per_tok"], "expert_width": cfg["intermediate_size"], "experts_total": n_total,
             "weights": "random", "gguf": str(f.gguf), "gguf_bytes": f.gguf_bytes, "gguf_expert_bytes": f.expert_bytes,
             "gguf_bytes_per_expert": f.expert_bytes // n_total, "store": str(f.store),
-            "moed_bytes_per_expert": moed_expert, "moed_bits": BITS, "moed_kernel": "torch"}
+            "moed_bytes_per_expert": moed_expert, "moed_bits": BITS, "moed_kernel": moed_kernel(),
+            "moed_dense_bits": DENSE_BITS}
 
 
 # -- the report --
@@ -493,6 +527,15 @@ def _cells(name: str, r: dict, llama_tps: float | None, cap: int | None, decode:
             f"{r['peak_rss_bytes'] / MiB:.0f} / {cap_s}", f"{1e3 / r['decode_tps']:.1f}", *sim_cells]
 
 
+def _refined(r: dict) -> str:
+    if not r:
+        return " moed's replays use the profile's flash reads as they are (no transfers observed in the base run)."
+    return (f" For moed's replays the cost model's {r['op']} of an expert ({r['bytes'] / MiB:.2f} MiB) is refined "
+            f"with the base run's flash->RAM link time per transfer, as the engine reports it: profiled "
+            f"{r['profiled_s'] * 1e3:.1f} ms, observed {r['observed_s'] * 1e3:.1f} ms (read, checksums and compute "
+            f"form; {r['transfers']} transfers), refined {r['refined_s'] * 1e3:.1f} ms.")
+
+
 def markdown(res: dict) -> str:
     """The results as a short markdown report."""
     m, mod, cap = res["machine"], res["model"], res["cap"]
@@ -506,8 +549,8 @@ def markdown(res: dict) -> str:
         f"Q8_0, {mod['gguf_bytes'] / MiB:.0f} MiB, routed experts E = {mod['gguf_expert_bytes'] / MiB:.0f} MiB "
         f"({mod['gguf_bytes_per_expert'] / MiB:.2f} MiB each; the rest of the file "
         f"{(mod['gguf_bytes'] - mod['gguf_expert_bytes']) / MiB:.0f} MiB). moed: a store of the same weights, "
-        f"experts at {BITS} bits (torch kernel), {mod['moed_bytes_per_expert'] / MiB:.2f} MiB each in RAM (stored "
-        "planes + compute form; dense weights in float32).",
+        f"experts at {BITS} bits ({mod['moed_kernel']} kernel), {mod['moed_bytes_per_expert'] / MiB:.2f} MiB each "
+        f"in RAM (the kernel's compute form); dense weights at {mod['moed_dense_bits']} bits.",
         f"Memory cap: {cap['method']}" + (f" (not used: {'; '.join(cap['unavailable'])})" if cap['unavailable'] else "")
         + f". cap = base + share * E, base = {cap['base_bytes'] / MiB:.0f} MiB: {cap['base_how']}",
         f"Page cache before each run: {', '.join(f'{k} {v}' for k, v in res['page_cache_eviction'].items())}.",
@@ -516,7 +559,7 @@ def markdown(res: dict) -> str:
         f"{res['decode_tokens']} greedy decode tokens; tok/s = decode tokens / decode seconds (prefill excluded).",
         f"Simulator: {res['simulator']['machine']}; replays {res['trace']} (recorded by the base run) with as many "
         "experts in RAM as each run could hold. It times attention, routers and experts, not the embedding, "
-        "lm_head or sampling.", ""]
+        "lm_head or sampling." + _refined(res['simulator'].get('moed_refined_from_base_run') or {}), ""]
     head = ["engine", "decode tok/s", "vs llama.cpp", "hit rate", "MiB read / token", "peak RSS / cap MiB",
             "measured ms/token", "simulated ms/token", "sim error"]
     for b in res["budgets"]:
@@ -526,7 +569,8 @@ def markdown(res: dict) -> str:
         lines += [f"## RAM budget {b['share']:.0%} of E ({cap_s}; moed budget "
                   f"{b['moed_ram_budget'] / MiB:.0f} MiB = {b['moed_experts_held']} of {mod['experts_total']} "
                   f"experts)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        rows = [("llama.cpp", llama)] + [(f"moed {p}", r) for p, r in b["moed"].items()]
+        rows = [("llama.cpp", llama)] + [(f"moed {p}" + (f" ({r['bits']} bits)" if r.get("bits", BITS) != BITS else ""),
+                                          r) for p, r in b["moed"].items()]
         lines += ["| " + " | ".join(_cells(n, r, ltps, b["cap_bytes"], res["decode_tokens"])) + " |" for n, r in rows]
         lines.append("")
     lines += ["Hit rate: share of expert uses in decode steps found in moed's RAM tier. MiB read / token: moed's "
@@ -534,7 +578,7 @@ def markdown(res: dict) -> str:
               "file). Peak RSS: VmHWM, for llama.cpp including the mapped file's resident pages. sim error: "
               "(simulated - measured) / measured; n/a where the simulator has no such policy "
               f"({', '.join(res['simulator']['unmatched'])}).",
-              f"moed's tokens are the same in every moed run: {res['moed_outputs_identical']}.", ""]
+              f"moed's tokens are the same in every {BITS}-bit moed run: {res['moed_outputs_identical']}.", ""]
     sims = [(n, r.get("simulator", {})) for b in res["budgets"]
             for n, r in [("llama.cpp", b["llama.cpp"]), *b["moed"].items()]]
     ops = {n if n == "llama.cpp" else "moed": sim["ffn_op"] for n, sim in sims if "ffn_op" in sim}
@@ -551,8 +595,10 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--shares", default="1.0,0.5,0.25", help="RAM budgets as shares of the routed experts' bytes")
     p.add_argument("--policies", default=",".join(POLICIES), help="moed cache policies to run")
-    p.add_argument("--moed-budget", choices=("bytes", "share"), default="bytes",
-                   help="moed's RAM budget: share * E bytes (default), or share of its own experts' bytes")
+    p.add_argument("--extra-bits", default="4", help="bit-widths (1-8, auto) moed's own policy also runs at, "
+                   "comma-separated; '' for none")
+    p.add_argument("--moed-budget", choices=("bytes", "share"), default="share",
+                   help="moed's RAM budget: share of its own experts' bytes (default), or share * E bytes")
     p.add_argument("--cap", choices=("auto", "cgroup-v1", "systemd-run", "none"), default="auto")
     p.add_argument("--base-mib", type=int, help="the cap's allowance for all but the experts (default: measured)")
     p.add_argument("--threads", type=int, default=2)
@@ -587,11 +633,13 @@ def main() -> None:
     base = find_base(setup, trace_path, None if a.base_mib is None else a.base_mib * MiB)
     trace = read_trace(trace_path)
     machine_spec = a.machine or default_machine()
-    sims = sim_machines(machine_spec)
-    budgets = [run_budget(setup, s, base, a.moed_budget, policies, trace, sims) for s in shares]
+    sims, refined = sim_machines(machine_spec, base["run"])
+    extra = [b if b == "auto" else int(b) for b in a.extra_bits.split(",") if b.strip()]
+    budgets = [run_budget(setup, s, base, a.moed_budget, policies, trace, sims, extra) for s in shares]
 
     model = model_record(files, a.quick, base["run"]["expert_bytes"])
-    outputs = {tuple(r["tokens"]) for b in budgets for r in b["moed"].values() if r["status"] == "ok"}
+    outputs = {tuple(r["tokens"]) for b in budgets for r in b["moed"].values()
+               if r["status"] == "ok" and r["bits"] == BITS}
     res = {
         "benchmark": "offload_cpu", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": "python bench/offload_cpu.py " + " ".join(sys.argv[1:]), "machine": machine(),
@@ -608,6 +656,7 @@ def main() -> None:
         "page_cache_eviction": base["run"]["page_cache_eviction"],
         "trace": str(trace_path.relative_to(ROOT)) if trace_path.is_relative_to(ROOT) else str(trace_path),
         "simulator": {"machine": f"{sims['moed'].name} ({sims['moed'].description})", "spec": machine_spec,
+                      "moed_refined_from_base_run": refined,
                       "unmatched": [q for q in policies if q not in SIM_POLICY]},
         "moed_outputs_identical": len(outputs) <= 1,
         "base_run": base["run"], "budgets": budgets,
