@@ -107,3 +107,18 @@ def test_reads_past_the_end_are_errors(store_dir):
     size = os.path.getsize(store_dir / "experts.bin")
     with CountingReader(store_dir / "experts.bin") as r, pytest.raises(FormatError, match="short read"):
         r.read(size - ALIGN, 2 * ALIGN)
+
+
+def test_scratch_reads_reuse_one_buffer_per_thread(store_dir):
+    """A scratch read lands in the thread's reusable buffer (what streamed experts use): the same memory
+    each time, with the same bytes as an ordinary read."""
+    store = Store(store_dir)
+    layer = store.layers[0]
+    a = [bytes(s) for s in store.read_expert(layer, 1, 8)]
+    s1 = store.read_expert(layer, 1, 8, scratch=True)
+    assert [bytes(s) for s in s1] == a
+    first = s1[0].obj if hasattr(s1[0], "obj") else None
+    s2 = store.read_expert(layer, 2, 8, scratch=True)
+    assert first is not None and s2[0].obj is first  # one buffer, reused
+    assert [bytes(s) for s in s1] != a  # so the earlier sections now show expert 2's bytes
+    assert [bytes(s) for s in s2] == [bytes(s) for s in store.read_expert(layer, 2, 8)]

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from daemon.convert import convert
 from daemon.errors import FormatError, MoedError
@@ -192,3 +193,36 @@ def test_conversion_killed_with_sigkill_leaves_nothing_that_loads(tmp_path):
     r = subprocess.run([*MOED, "convert", str(src), str(out)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr  # the same conversion, left alone, completes and loads
     assert load_model(out, bits=2).experts.bits == 2
+
+
+@pytest.mark.parametrize("verify_once", [True, False])
+def test_a_section_is_verified_on_its_first_read_and_again_only_when_asked(copy, verify_once):
+    """verify_once (the default) checks each section the first time it is read; a byte damaged after that
+    is caught again only with verify_once=False, which checks every read."""
+    store = Store(copy, verify_once=verify_once)
+    layer = store.layers[0]
+    x = store.extent(layer, 2)
+    store.read_expert(layer, 2, 8)  # verified here
+    flip(copy / "experts.bin", x.offset + store.layout.section_offset(1) + 3)  # plane 0, after the first read
+    if verify_once:
+        store.read_expert(layer, 2, 8)  # not checked again
+    else:
+        with pytest.raises(FormatError, match=f"extent layer {layer} expert 2 plane 0"):
+            store.read_expert(layer, 2, 8)
+    with pytest.raises(FormatError, match=f"extent layer {layer} expert 2 plane 0"):
+        Store(copy).read_expert(layer, 2, 8)  # a fresh store checks it on its first read
+
+
+def test_dense_tensors_are_read_one_at_a_time_and_unread_extents_still_checked(copy):
+    """The loader reads each dense tensor with its own read; extents no tensor() asked for are verified
+    by check_unread, so a damaged byte in a tensor the model never uses still fails loading."""
+    store = Store(copy)
+    dense = store.dense()
+    name = dense.names[0]
+    assert torch.equal(dense.tensor(name), store.dense_tensors()[name]) and dense.tensor("nope") is None
+    e = next(e for e in store.manifest.files["dense.safetensors"].extents if e.name == dense.names[-1])
+    flip(copy / "dense.safetensors", e.offset + e.length // 2)
+    d = Store(copy).dense()
+    d.tensor(name)  # another tensor: fine
+    with pytest.raises(FormatError, match=f"extent {dense.names[-1]}"):
+        d.check_unread()
