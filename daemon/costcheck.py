@@ -3,6 +3,7 @@ profile against the step times the metrics measured."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +48,7 @@ class StepPredictor:
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = path
+        self.observed = 0  # engine timings the cost model has taken in
         self._key: tuple | None = None  # (profile path, its mtime, model, bits) of what _loaded holds
         self._loaded: tuple[str, CostTimes | str] = ("", "")  # machine description, op times or a problem
 
@@ -54,8 +56,13 @@ class StepPredictor:
         """The profile this predictor reads (this machine's stored one unless given)."""
         return self.path or default_profile_path()
 
-    def check(self, model: str, config: dict, bits: int, view: MetricsView) -> CostCheck | None:
-        """Predicted vs measured decode step time of `model` (its config.json dict); None: no profile."""
+    def check(self, model: str, config: dict, bits: int, view: MetricsView,
+              observed: Iterable[tuple[str, float, float]] = ()) -> CostCheck | None:
+        """Predicted vs measured decode step time of `model` (its config.json dict); None: no profile.
+
+        observed: timings the engine measured since the last check, (kind, x, seconds) as CostTimes.observe
+        takes them; they refine the cost model (kept until the profile file changes) before it predicts.
+        """
         path = self.profile_path()
         try:
             key = (str(path), path.stat().st_mtime_ns, model, bits)
@@ -66,6 +73,8 @@ class StepPredictor:
         machine, times = self._loaded
         if isinstance(times, str):
             return CostCheck(machine, problem=times, bits=bits)
+        for kind, x, seconds in observed:
+            self.observed += times.observe(kind, x, seconds)
         steps = sum(n for n, _ in view.decode_steps.values())
         done = sum(view.finished_by_reason.values())
         context = (view.prompt_tokens_total + view.generated_tokens_total / 2) / done if done else 0.0

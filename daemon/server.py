@@ -141,6 +141,9 @@ class MoedServicer:
         self.engine, self.metrics, self.listening, self._stop = engine, metrics, listening, stop
         self.started = time.monotonic()
         self.cpu = CpuMeter()  # Status reports the CPUs' busy share since the previous Status
+        # one cost model for every Watch stream, refined by what the engine measures while serving
+        self.predictor = StepPredictor()
+        self._predict_lock = threading.Lock()
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
         """Stream a generation."""
@@ -205,12 +208,11 @@ class MoedServicer:
         interval = request.interval_seconds or 1.0
         if not math.isfinite(interval) or not 0.01 <= interval <= 3600:
             raise RequestError(f"interval_seconds must be in [0.01, 3600] (got {interval})")
-        predictor = StepPredictor()
         while context.is_active():
             experts = self._experts() if request.include_experts else []
             metrics = self.metrics.view()
             yield wire.snapshot(metrics, self.engine.queue_view(), experts, self._tiers(), self._links(),
-                                rss_bytes()[0], self._cost_check(predictor, metrics))
+                                rss_bytes()[0], self._cost_check(metrics))
             if self._stop.wait(interval):
                 return
 
@@ -240,12 +242,16 @@ class MoedServicer:
             return [(layer, c, [("ram", bits)] * len(c)) for layer, c in use]
         return [(layer, c, [where((layer, e)) for e in range(len(c))]) for layer, c in use]
 
-    def _cost_check(self, predictor: StepPredictor, metrics: MetricsView) -> CostCheck | None:
-        """The cost model's decode step time against the measured one (None: no machine profile)."""
+    def _cost_check(self, metrics: MetricsView) -> CostCheck | None:
+        """The cost model's decode step time against the measured one (None: no machine profile), after it
+        takes in the timings the tiered experts measured since the last check."""
         view, lm = self.engine.model_view(), self.engine.loaded
         if view is None or view.state != "loaded" or lm is None:
             return None
-        return predictor.check(view.path, lm.args.raw, self._bits(), metrics)
+        timings = getattr(lm.experts, "timings", None)
+        with self._predict_lock:
+            observed = [timings.popleft() for _ in range(len(timings))] if timings is not None else []
+            return self.predictor.check(view.path, lm.args.raw, self._bits(), metrics, observed)
 
     def _tiers(self):
         view, lm = self.engine.model_view(), self.engine.loaded

@@ -27,6 +27,7 @@ from __future__ import annotations
 import ctypes
 import threading
 import time
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ from offload.views import LinkView, TierView
 from quant.planes import PLANES
 
 
+TIMINGS_KEPT = 4096  # measured timings waiting for the cost model (the oldest go first)
 STALL_SECONDS = 30.0  # a reservation that waits this long means the budget cannot serve the layer
 
 
@@ -160,6 +162,9 @@ class TieredExperts:
         self._ahead = ThreadPoolExecutor(1, thread_name_prefix="moed-ahead")
         self._layers: dict[int, LayerExperts] = {}
         self.routers: dict[int, torch.nn.Module] = {}
+        # (kind, x, seconds) as measured while serving, for the cost model (profiler CostTimes.observe):
+        # "read" (bytes, seconds), "form" (bytes, seconds), "expert" (tokens, seconds per CPU expert)
+        self.timings: deque[tuple[str, float, float]] = deque(maxlen=TIMINGS_KEPT)
         self.moe_layers = list(store.layers)
 
     def raw_bytes(self, bits: int) -> int:
@@ -295,13 +300,16 @@ class TieredExperts:
                 raise
             self._link_begin("flash->ram")
         try:
+            t0 = time.perf_counter()
             if old is None:  # planes not kept: read into this thread's scratch buffer, gone once the form is made
                 sections = self.store.read_expert(layer, e, bits, scratch=not self.keep_planes)
                 got = self.raw_bytes(bits)
             else:
                 sections = old.sections + self.store.read_sections(layer, e, old.bits + 1, bits + 1)
                 got = self.raw_bytes(bits) - self.raw_bytes(old.bits)
+            t1 = time.perf_counter()
             form = self.backend.prepare_expert(self.store.views(sections, bits), self.act)
+            self.timings.extend((("read", got, t1 - t0), ("form", got, time.perf_counter() - t1)))
         except BaseException:
             with self._cv:
                 self._moved("flash->ram", 0)
@@ -488,7 +496,7 @@ class LayerExperts:
                 done[e] = p.accel.compute.submit(p.accel.backend.ffn, x[rows[e]], held[e].form)
                 done[e].add_done_callback(lambda _f, e=e: unpin(e))
             self._prefetch_next(x)
-            cpu = p.backend
+            cpu, t_cpu = p.backend, time.perf_counter()
             for e in sorted(ram, key=lambda e: (counts[e], e)):
                 if cpu.concurrent:  # side by side on the backend's workers
                     done[e] = cpu.pool.submit(cpu.ffn, x[rows[e]], held[e].form)
@@ -515,6 +523,9 @@ class LayerExperts:
             for e, tok, wt in groups:  # ascending expert id, wherever each ran
                 y = done[e].result() if isinstance(done[e], Future) else done[e]
                 scatter_add(out, tok, y.to(device=x.device, dtype=x.dtype) * wt[:, None])
+            if ram and not missing and not accel:  # the CPU's experts alone: their time per expert, side by side
+                p.timings.append(("expert", sum(counts[e] for e in ram) / len(ram),
+                                  (time.perf_counter() - t_cpu) / len(ram)))
             return out
         finally:
             for e, f in fetches.items() if "fetches" in locals() else ():  # after an error: settle the reads

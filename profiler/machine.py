@@ -85,6 +85,32 @@ class CostTimes:
         """Seconds for one routed expert over `tokens` tokens on 'gpu' or 'cpu'."""
         return self._ffn(device, tokens, self.shape.expert_params, self.bits)
 
+    def observe(self, kind: str, x: float, seconds: float) -> bool:
+        """Refine the cost model with a timing the engine measured on this model; False if no op answers.
+
+        kind: "expert" (x = tokens; seconds of one routed expert on the CPU at these bits), "read" (x =
+        bytes read from flash) or "form" (x = bytes of stored planes made into a compute form).
+        """
+        try:
+            if kind == "expert":
+                op = self.cost.ffn_op("cpu", self.bits, tokens=x)
+                meta = self.cost.curve(op).meta
+                ref = 3 * meta["hidden"] * meta["inter"] if meta.get("hidden") else self.shape.expert_params
+                self.cost.observe(op, x, seconds * ref / self.shape.expert_params)  # at the probed shape
+            elif kind == "read":
+                self.cost.observe("flash:read", x, seconds)
+            elif kind == "form":
+                ops = [op for op in self.cost.ops() if op.startswith("unpack:cpu:")]
+                if not ops:
+                    return False
+                self.cost.observe(min(ops, key=lambda o: abs(int(o.split(":")[2]) - self.bits)), x, seconds)
+            else:
+                return False
+        except KeyError:  # UnknownOp: the profile has no such op
+            return False
+        self._memo.clear()
+        return True
+
     def shared(self, tokens: int) -> float:
         """Seconds for the shared expert(s) on the main device (0 if the model has none)."""
         if not self.shape.shared_inter:

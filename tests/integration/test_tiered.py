@@ -81,6 +81,10 @@ def test_quarter_ram_budget_streams_from_flash_and_generates_the_same_tokens(sto
     link = {(k.source, k.target): k for k in p.link_views()}[("flash", "ram")]
     assert link.bytes_moved >= p.bytes_read - before and link.transfers >= tier.misses
     assert 0 < link.busy_seconds - busy <= elapsed  # transfers side by side count once
+    kinds = {k for k, _, _ in p.timings}
+    assert {"read", "form"} <= kinds  # measured for the cost model (daemon/costcheck.py takes them in)
+    assert all(s > 0 and x > 0 for _, x, s in p.timings)
+    assert {x for k, x, _ in p.timings if k == "read"} <= {p.raw_bytes(bits)}
     assert p.stats["ram"].peak <= p.tiers["ram"].capacity
     p.close()
 
@@ -194,3 +198,17 @@ def test_status_and_watch_report_tiers_and_links(moed_server, monkeypatch, tmp_p
     (link,) = [k for k in s.links if (k.source, k.target) == ("flash", "ram")]
     assert link.bytes_moved > 0 and link.transfers > 0
     assert [t.name for t in snap.tiers] == ["ram"] and snap.links[0].bytes_moved >= link.bytes_moved
+
+
+def test_resident_experts_report_their_time_per_expert(store_dir):
+    """With every expert in RAM, each layer's CPU experts report their time per expert (side by side on the
+    backend's workers, so wall time / experts), for the cost model."""
+    lm = load_model(store_dir, offload=OffloadOptions(bits=8))  # no budget: every expert preloaded
+    p = lm.experts
+    assert p.tier_views()[0].experts_resident == p.experts_total
+    p.timings.clear()  # the preload's reads and forms
+    greedy(lm, n=4)
+    experts = [(x, s) for k, x, s in p.timings if k == "expert"]
+    assert len(experts) >= 4 * len(p.moe_layers) and all(x >= 1 and s > 0 for x, s in experts)
+    assert not [k for k, _, _ in p.timings if k == "read"]  # nothing was read: all resident
+    p.close()

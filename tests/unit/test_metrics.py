@@ -122,3 +122,28 @@ def test_step_predictor_reports_a_bad_profile_and_rereads_a_new_one(tmp_path, ti
     assert not p.check(*tiny_config, 32, decode_metrics().view()).problem
     cfg = {k: v for k, v in tiny_config[1].items() if k != "num_experts"}
     assert "cannot time this model" in p.check("other", cfg, 32, decode_metrics().view()).problem
+
+
+def test_engine_timings_refine_the_cost_model(tiny_config):
+    """Timings the engine measured (CostTimes.observe) move the predictions toward them; the step
+    predictor takes them in before it predicts."""
+    from profiler.machine import load_machine
+    from profiler.shapes import ModelShape
+
+    times = load_machine(PROFILE).times(ModelShape.from_config(tiny_config[1]), 8)
+    expert, read, form = times.expert("cpu", 1), times.read(6 << 20), times.cost.unpack("cpu", 8, 6 << 20)
+    for _ in range(60):
+        assert times.observe("expert", 1, 4 * expert)
+        assert times.observe("read", 6 << 20, 3 * read)
+        assert times.observe("form", 6 << 20, 2 * form)
+    assert times.expert("cpu", 1) == pytest.approx(4 * expert, rel=0.15)
+    assert times.read(6 << 20) == pytest.approx(3 * read, rel=0.15)
+    assert times.cost.unpack("cpu", 8, 6 << 20) == pytest.approx(2 * form, rel=0.15)
+    assert not times.observe("nonsense", 1, 1.0)
+
+    p = StepPredictor(PROFILE)
+    before = p.check(*tiny_config, 8, decode_metrics().view())
+    slower = [("expert", 1.0, 20 * times.expert("cpu", 1))] * 60
+    after = p.check(*tiny_config, 8, decode_metrics().view(), slower)
+    assert p.observed == 60 and after.predicted > 2 * before.predicted
+    assert p.check(*tiny_config, 8, decode_metrics().view()).predicted == after.predicted  # kept
