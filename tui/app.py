@@ -5,6 +5,7 @@ from __future__ import annotations
 from textual import work
 from textual.app import App, ComposeResult
 from textual.containers import Grid
+from textual.css.query import NoMatches
 from textual.widgets import Footer, Static
 
 from proto.moed.v1 import moed_pb2 as pb
@@ -80,7 +81,8 @@ class MoedTop(App[None]):
         """Render one MetricsSnapshot in every panel."""
         self.snapshots += 1
         for panel in (ThroughputPanel, RequestsPanel, TiersPanel, Heatmap, DevicesPanel, CostModelPanel):
-            self.query_one(panel).update_snapshot(s)
+            if (w := self._main(panel)) is not None:
+                w.update_snapshot(s)
 
     def show_status(self, st: pb.StatusResponse) -> None:
         """Render one StatusResponse (model line, devices)."""
@@ -88,12 +90,23 @@ class MoedTop(App[None]):
         model = f"{st.model.name} ({st.model.architecture}, {st.model.moe_layers}x{st.model.experts_per_layer} " \
                 f"experts)" if st.HasField("model") and st.model.name else "no model"
         self.model = f"moed {st.version}  {state}  {model}  rss {size(st.rss_bytes)}"
-        self.query_one(DevicesPanel).update_status(st)
+        if (w := self._main(DevicesPanel)) is not None:
+            w.update_status(st)
         self.refresh_conn()
+
+    def _main(self, what, kind=None):
+        """A widget of the main screen (whichever screen is on top), or None once the app is closing: the
+        feed's thread may still post a message then."""
+        try:
+            return self.screen_stack[0].query_one(what, kind)
+        except (NoMatches, IndexError):
+            return None
 
     def refresh_conn(self) -> None:
         """Redraw the top line: connection state, model, paused."""
-        conn = self.query_one("#conn", Static)
+        conn = self._main("#conn", Static)
+        if conn is None:
+            return
         conn.set_class(self.problem is not None, "disconnected")
         conn.set_class(self.paused, "paused")
         line = self.problem or (f"{self.target or 'recorded'}  {self.model}" if self.model
