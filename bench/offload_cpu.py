@@ -569,7 +569,7 @@ def markdown(res: dict) -> str:
         lines += [f"## RAM budget {b['share']:.0%} of E ({cap_s}; moed budget "
                   f"{b['moed_ram_budget'] / MiB:.0f} MiB = {b['moed_experts_held']} of {mod['experts_total']} "
                   f"experts)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        rows = [("llama.cpp", llama)] + [(f"moed {p}" + (f" ({r['bits']} bits)" if r.get("bits", BITS) != BITS else ""),
+        rows = [("llama.cpp", llama)] + [(f"moed {p}" + (f" ({r['bits']} bits)" if "auto" in p and "bits" in r else ""),
                                           r) for p, r in b["moed"].items()]
         lines += ["| " + " | ".join(_cells(n, r, ltps, b["cap_bytes"], res["decode_tokens"])) + " |" for n, r in rows]
         lines.append("")
