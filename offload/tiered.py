@@ -176,8 +176,10 @@ class TieredExperts:
         return self.sizes.form(backend, bits)
 
     def read_bytes(self, bits: int) -> int:
-        """Bytes a read of one expert at `bits` reserves: its planes and its form, until the planes go."""
-        return self.sizes.ram(self.backend, bits, True)
+        """Bytes a read of one expert at `bits` reserves: its form, and its planes if they are kept (planes
+        that are not kept are read into the reading thread's scratch buffer, one expert's worth per I/O
+        thread whatever the budget, and are gone once the form is made)."""
+        return self.sizes.ram(self.backend, bits, self.keep_planes)
 
     def expert_bytes(self, bits: int) -> int:
         """Bytes one expert holds in RAM at `bits`: its compute form, plus its stored planes if kept."""
@@ -320,8 +322,7 @@ class TieredExperts:
             self._moved("flash->ram", got)
             if old is not None:  # the old form is freed now: the tier keeps sections + new form
                 self._release("ram", key, old.form.nbytes)
-            if not self.keep_planes:  # only the compute form stays
-                self._release("ram", key, self.raw_bytes(bits))
+            if not self.keep_planes:  # only the compute form stays (the planes were in scratch, not reserved)
                 sections = []
             self._busy.discard(key)
             self._cv.notify_all()
