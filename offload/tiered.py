@@ -498,28 +498,27 @@ class LayerExperts:
                 done[e].add_done_callback(lambda _f, e=e: unpin(e))
             self._prefetch_next(x)
             cpu, t_cpu = p.backend, time.perf_counter()
-            for e in sorted(ram, key=lambda e: (counts[e], e)):
-                if cpu.concurrent:  # side by side on the backend's workers
-                    done[e] = cpu.pool.submit(cpu.ffn, x[rows[e]], held[e].form)
-                    done[e].add_done_callback(lambda _f, e=e: unpin(e))
+
+            def run(e: int, form: PreparedExpert, then) -> None:
+                """Expert e on the CPU, then `then()`: side by side on the backend's workers if it has them."""
+                if cpu.concurrent:
+                    done[e] = cpu.pool.submit(cpu.ffn, x[rows[e]], form)
+                    done[e].add_done_callback(lambda _f: then())
                 else:
-                    done[e] = cpu.ffn(x[rows[e]], held[e].form)
-                    unpin(e)
+                    done[e] = cpu.ffn(x[rows[e]], form)
+                    then()
 
             def keep(e: int, h: Held) -> None:
                 if p._keep((layer, e), h):
                     p._to_accel((layer, e), h)
 
+            for e in sorted(ram, key=lambda e: (counts[e], e)):
+                run(e, held[e].form, lambda e=e: unpin(e))
             while fetches:  # in the order reads complete: a streamed expert frees its room after its use
                 ready, _ = wait(list(fetches.values()), return_when=FIRST_COMPLETED)
                 for e in [e for e, f in fetches.items() if f in ready]:
                     h = fetches.pop(e).result()
-                    if cpu.concurrent:
-                        done[e] = cpu.pool.submit(cpu.ffn, x[rows[e]], h.form)
-                        done[e].add_done_callback(lambda _f, e=e, h=h: keep(e, h))
-                    else:
-                        done[e] = cpu.ffn(x[rows[e]], h.form)
-                        keep(e, h)
+                    run(e, h.form, lambda e=e, h=h: keep(e, h))
             out = torch.zeros_like(x)
             for e, tok, wt in groups:  # ascending expert id, wherever each ran
                 y = done[e].result() if isinstance(done[e], Future) else done[e]

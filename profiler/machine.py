@@ -76,10 +76,13 @@ class CostTimes:
         key = ("ffn", device, tokens, params, bits)
         if key not in self._memo:
             op = self.cost.ffn_op(self._dev(device), bits, tokens=tokens)
-            meta = self.cost.curve(op).meta
-            ref = 3 * meta["hidden"] * meta["inter"] if meta.get("hidden") else params
-            self._memo[key] = self.cost.predict(op, tokens) * params / ref
+            self._memo[key] = self.cost.predict(op, tokens) * params / self._probed_params(op, params)
         return self._memo[key]
+
+    def _probed_params(self, op: str, params: int) -> int:
+        """Weights of the expert FFN op's timings were probed on (`params` when the fit does not say)."""
+        meta = self.cost.curve(op).meta
+        return 3 * meta["hidden"] * meta["inter"] if meta.get("hidden") else params
 
     def expert(self, device: str, tokens: int) -> float:
         """Seconds for one routed expert over `tokens` tokens on 'gpu' or 'cpu'."""
@@ -94,9 +97,8 @@ class CostTimes:
         try:
             if kind == "expert":
                 op = self.cost.ffn_op("cpu", self.bits, tokens=x)
-                meta = self.cost.curve(op).meta
-                ref = 3 * meta["hidden"] * meta["inter"] if meta.get("hidden") else self.shape.expert_params
-                self.cost.observe(op, x, seconds * ref / self.shape.expert_params)  # at the probed shape
+                params = self.shape.expert_params
+                self.cost.observe(op, x, seconds * self._probed_params(op, params) / params)  # at the probed shape
             elif kind == "read":
                 self.cost.observe("flash:read", x, seconds)
             elif kind == "form":

@@ -40,23 +40,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from daemon.models.norms import RMSNorm  # noqa: E402
 from daemon.models.rope import Rope, apply_rope  # noqa: E402
-from daemon.tiny import CHAT_TEMPLATE, train_tokenizer  # noqa: E402
+from daemon.tiny import CHAT_TEMPLATE, REAL_CONFIGS, train_tokenizer  # noqa: E402
 
 DEB = "python3.11-doc"
 SOURCES = "usr/share/doc/python3.11/html/_sources"
 CACHE = Path.home() / ".cache" / "moed" / "corpus"
 HELD_OUT_EVERY = 20
 VOCAB = 4096
-CONFIG = {  # Qwen3-MoE's config.json fields, at a size that trains on two CPU cores within the hour
-    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+CONFIG = {  # Qwen3-30B-A3B's config.json fields (daemon.tiny.REAL_CONFIGS), at a size that trains on two CPU
+    # cores within the hour; vocabulary and special ids come from the trained tokenizer
+    **{k: v for k, v in REAL_CONFIGS["qwen3_moe"].items() if k not in ("vocab_size", "bos_token_id", "eos_token_id")},
     "hidden_size": 256, "intermediate_size": 768, "moe_intermediate_size": 384,
     "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
-    "num_experts": 8, "num_experts_per_tok": 2, "norm_topk_prob": True, "decoder_sparse_step": 1,
-    "mlp_only_layers": [], "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "rope_scaling": None,
-    "max_position_embeddings": 2048, "attention_bias": False, "hidden_act": "silu",
-    "tie_word_embeddings": False, "use_sliding_window": False, "sliding_window": None,
+    "num_experts": 8, "num_experts_per_tok": 2, "rope_theta": 10000.0, "max_position_embeddings": 2048,
     "router_aux_loss_coef": 0.01, "output_router_logits": False, "initializer_range": 0.02,
-    "torch_dtype": "bfloat16",
 }
 
 

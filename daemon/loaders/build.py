@@ -118,8 +118,9 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, bits
         backends.append(get_backend(fast_cpu_backend()))
         quantize_dense(model, backends[0].name, dtype, fetch)
     tied = args.tie_word_embeddings
-    state = {name: fetch(name).to(dtype) for name in model.state_dict() if not (tied and name == "lm_head.weight")}
-    if tied and "lm_head.weight" in model.state_dict():  # one tensor for both, as in the checkpoint
+    names = list(model.state_dict())  # what is left to load: the quantised layers hold their own weights
+    state = {name: fetch(name).to(dtype) for name in names if not (tied and name == "lm_head.weight")}
+    if tied and "lm_head.weight" in names:  # one tensor for both, as in the checkpoint
         emb = state.get("model.embed_tokens.weight")
         state["lm_head.weight"] = emb if emb is not None else fetch("lm_head.weight").to(dtype)
     model.load_state_dict(state, strict=True, assign=True)

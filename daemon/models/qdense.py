@@ -94,11 +94,6 @@ def replaceable(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Modu
                 yield f"{pname}.{name}" if pname else name, parent, name, child, group
 
 
-def quantizable(model: nn.Module) -> set[str]:
-    """State-dict names of the weights quantize_dense replaces."""
-    return {f"{qname}.weight" for qname, *_ in replaceable(model)}
-
-
 def quantize_dense(model: nn.Module, kernel: str | None = None, dtype: torch.dtype = torch.float32,
                    fetch: Callable[[str], torch.Tensor] | None = None) -> dict[str, int]:
     """Replace the model's linear layers (routers and small gates excepted) and token embedding with
