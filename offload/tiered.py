@@ -83,10 +83,22 @@ class Accelerator:
             return cls(type(cpu_backend)(), "cpu (emulated accelerator)")
         raise ValueError(f"unknown accelerator {kind!r} (known: cuda, emulated)")
 
+    def ffn(self, x: torch.Tensor, form: PreparedExpert) -> Future:
+        """An expert's FFN on the compute worker, with as many torch threads as the caller has: an emulated
+        accelerator then computes exactly what the CPU would (a worker thread starts with torch's default)."""
+        return self.compute.submit(_with_threads, torch.get_num_threads(), self.backend.ffn, x, form)
+
     def close(self) -> None:
         """Stop the workers."""
         self.compute.shutdown(wait=True)
         self.copy.shutdown(wait=True)
+
+
+def _with_threads(n: int, fn, *args):
+    """fn(*args) with n torch intra-op threads in this thread."""
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return fn(*args)
 
 
 @dataclass(frozen=True, slots=True)
@@ -494,7 +506,7 @@ class LayerExperts:
                        for e in missing}
             done: dict[int, torch.Tensor | Future] = {}
             for e in accel:
-                done[e] = p.accel.compute.submit(p.accel.backend.ffn, x[rows[e]], held[e].form)
+                done[e] = p.accel.ffn(x[rows[e]], held[e].form)
                 done[e].add_done_callback(lambda _f, e=e: unpin(e))
             self._prefetch_next(x)
             cpu, t_cpu = p.backend, time.perf_counter()
