@@ -3,6 +3,8 @@ experts read by prefix (one aligned read per request) and verified section by se
 
 from __future__ import annotations
 
+from collections import Counter
+
 import json
 import struct
 from pathlib import Path
@@ -52,6 +54,7 @@ class Store:
             raise FormatError(f"manifest section lengths {list(m.section_lengths)} disagree with the "
                               f"{m.scheme} scheme's {list(want)}", where)
         self._index = self._check_extents()
+        self._per_layer = Counter(layer for layer, _ in self._index)
         for f in m.files.values():
             self._check_file(f)
         self._check_size(self.path / EXPERTS, m.experts_size)
@@ -108,7 +111,7 @@ class Store:
 
     def n_experts(self, layer: int) -> int:
         """Experts stored for a layer."""
-        return sum(1 for lay, _ in self._index if lay == layer)
+        return self._per_layer.get(layer, 0)
 
     def has(self, layer: int, expert: int) -> bool:
         """Whether the store holds this expert."""

@@ -502,11 +502,15 @@ class LayerExperts:
 
         try:
             rows = {e: tok for e, tok, _ in groups}
+
+            def inp(e: int) -> torch.Tensor:
+                return x if x.shape[0] == 1 else x[rows[e]]  # one token: every expert's input is x itself
+
             fetches = {e: p._io.submit(_after, p._inflight.get((layer, e)), p._fetch, (layer, e), bits)
                        for e in missing}
             done: dict[int, torch.Tensor | Future] = {}
             for e in accel:
-                done[e] = p.accel.ffn(x[rows[e]], held[e].form)
+                done[e] = p.accel.ffn(inp(e), held[e].form)
                 done[e].add_done_callback(lambda _f, e=e: unpin(e))
             self._prefetch_next(x)
             cpu, t_cpu = p.backend, time.perf_counter()
@@ -514,26 +518,40 @@ class LayerExperts:
             def run(e: int, form: PreparedExpert, then) -> None:
                 """Expert e on the CPU, then `then()`: side by side on the backend's workers if it has them."""
                 if cpu.concurrent:
-                    done[e] = cpu.pool.submit(cpu.ffn, x[rows[e]], form)
+                    done[e] = cpu.pool.submit(cpu.ffn, inp(e), form)
                     done[e].add_done_callback(lambda _f: then())
                 else:
-                    done[e] = cpu.ffn(x[rows[e]], form)
+                    done[e] = cpu.ffn(inp(e), form)
                     then()
 
             def keep(e: int, h: Held) -> None:
                 if p._keep((layer, e), h):
                     p._to_accel((layer, e), h)
 
-            for e in sorted(ram, key=lambda e: (counts[e], e)):
-                run(e, held[e].form, lambda e=e: unpin(e))
+            def run_part(part: list[int]) -> dict[int, torch.Tensor]:
+                """Resident experts one after another on one thread; unpinned once all have run."""
+                try:
+                    return {e: cpu.ffn(inp(e), held[e].form) for e in part}
+                finally:
+                    for e in part:
+                        unpin(e)
+
+            # resident experts: one share per worker (one hand-off each, not one per expert); with nothing
+            # to wait for, the caller runs the last share itself
+            shares = _shares(ram, counts, cpu.threads if cpu.concurrent else 1)
+            inline = shares.pop() if shares and not missing and not accel else []
+            parts = [cpu.pool.submit(run_part, s) if cpu.concurrent else run_part(s) for s in shares]
+            ran = run_part(inline)
             while fetches:  # in the order reads complete: a streamed expert frees its room after its use
                 ready, _ = wait(list(fetches.values()), return_when=FIRST_COMPLETED)
                 for e in [e for e, f in fetches.items() if f in ready]:
                     h = fetches.pop(e).result()
                     run(e, h.form, lambda e=e, h=h: keep(e, h))
+            for part in parts:
+                ran.update(part.result() if isinstance(part, Future) else part)
             out = torch.zeros_like(x)
             for e, tok, wt in groups:  # ascending expert id, wherever each ran
-                y = done[e].result() if isinstance(done[e], Future) else done[e]
+                y = ran[e] if e in ran else done[e].result() if isinstance(done[e], Future) else done[e]
                 scatter_add(out, tok, y.to(device=x.device, dtype=x.dtype) * wt[:, None])
             if ram and not missing and not accel:  # the CPU's experts alone: their time per expert, side by side
                 p.timings.append(("expert", sum(counts[e] for e in ram) / len(ram),
@@ -551,8 +569,8 @@ class LayerExperts:
     def _prefetch_next(self, x: torch.Tensor) -> None:
         """Predict the next MoE layer's experts with its router on this layer's input; read them ahead."""
         p = self.p
-        if not p.prefetch_enabled or not p.routers:
-            return
+        if not p.prefetch_enabled or not p.routers or len(p._held["ram"]) >= p.experts_total:
+            return  # (every expert held: nothing to read)
         i = p.moe_layers.index(self.layer)
         if i + 1 >= len(p.moe_layers):
             return
@@ -567,6 +585,18 @@ class LayerExperts:
             if ranked[e] == 0:
                 break
             p._prefetch((nxt, e))
+
+
+def _shares(experts: list[int], counts: dict[int, int], n: int) -> list[list[int]]:
+    """Experts dealt into at most n non-empty shares of about equal tokens (most tokens first, each to the
+    share with the fewest so far)."""
+    shares: list[list[int]] = [[] for _ in range(min(n, len(experts)))]
+    load = [0] * len(shares)
+    for e in sorted(experts, key=lambda e: (-counts[e], e)):
+        i = load.index(min(load))
+        shares[i].append(e)
+        load[i] += counts[e]
+    return shares
 
 
 def _after(prev: Future | None, fn, *args):

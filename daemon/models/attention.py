@@ -74,6 +74,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(hidden, n_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * head_dim, hidden, bias=o_bias)
+        self.qkv: nn.Module | None = None  # q, k and v as one matrix (daemon.models.qdense fuses them)
         self.qk_norm = qk_norm  # None, "head" (per head, Qwen3) or "full" (whole projection, OLMoE)
         if qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(head_dim, eps), RMSNorm(head_dim, eps)
@@ -83,6 +84,12 @@ class Attention(nn.Module):
         self.clip_qkv = clip_qkv
         self.scale = head_dim ** -0.5
 
+    @property
+    def qkv_sizes(self) -> tuple[int, int, int]:
+        """Output widths of q, k and v (their rows in a fused qkv matrix)."""
+        kv = self.n_kv * self.head_dim
+        return self.n_heads * self.head_dim, kv, kv
+
     @classmethod
     def from_args(cls, layer: int, a, **options) -> "Attention":
         """Attention sized by model args; options as in __init__."""
@@ -91,7 +98,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, a: AttnInputs) -> torch.Tensor:
         b, t, _ = x.shape  # x [B, T, D]
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qkv is not None:
+            q, k, v = self.qkv(x).split(self.qkv_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:

@@ -5,8 +5,9 @@ projections, shared experts, dense MLP layers, lm_head, embedding), which a llam
 also holds at 8 bits. Each matrix is min-max quantised per group of the largest of 128, 64, 32
 dividing its rows (quant.groups.quantize); a matrix with no such group stays as it is, and so do the
 routers and gates of fewer than MIN_OUTPUTS outputs (a routing decision is worth more than the bytes).
-Linear layers run on a quant kernel backend (onnxruntime's MatMulNBits where available); the
-embedding dequantises the rows it looks up.
+Linear layers run on a quant kernel backend (onnxruntime's MatMulNBits where available); an attention
+layer's q, k and v become one matrix of their rows (groups are per row, so its codes are theirs: one
+call instead of three per token); the embedding dequantises the rows it looks up.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.backend, self.form = backend, form
         self.in_features, self.out_features = in_features, out_features
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        # a buffer, not a parameter: the loader fetched it with the weight (a fused qkv's is not in any checkpoint)
+        self.register_buffer("bias", bias, persistent=False)
         self.nbytes = nbytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,6 +82,20 @@ def quantize_rows(w: torch.Tensor, group: int, rows: int = 4096) -> GroupCodes:
                       torch.cat([p.minimum for p in parts]), 8, group)
 
 
+FUSED = ("q_proj", "k_proj", "v_proj")  # an attention layer's projections of its input, fused into `qkv`
+
+
+def fusable(model: nn.Module) -> Iterator[tuple[str, nn.Module, int]]:
+    """(qualified name, module, group) of every module whose FUSED linear layers quantize_dense fuses."""
+    for name, m in model.named_modules():
+        parts = [getattr(m, n, None) for n in FUSED]
+        if (hasattr(m, "qkv") and all(isinstance(p, nn.Linear) for p in parts)
+                and len({(p.in_features, p.bias is None) for p in parts}) == 1
+                and all(p.out_features >= MIN_OUTPUTS for p in parts)
+                and (group := group_for(parts[0].in_features)) is not None):
+            yield name, m, group
+
+
 def replaceable(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Module, int]]:
     """(qualified name, parent, attribute, module, group) of every layer quantize_dense replaces."""
     for pname, parent in model.named_modules():
@@ -95,25 +111,42 @@ def replaceable(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Modu
 
 
 def quantize_dense(model: nn.Module, kernel: str | None = None, dtype: torch.dtype = torch.float32,
-                   fetch: Callable[[str], torch.Tensor] | None = None) -> dict[str, int]:
+                   fetch: Callable[[str], torch.Tensor] | None = None, fuse: bool = True) -> dict[str, int]:
     """Replace the model's linear layers (routers and small gates excepted) and token embedding with
     8-bit ones, in place; biases become `dtype`. `fetch(name)` gives a parameter by its state-dict name
-    (default: the module's own), so a loader can read each weight just before it is quantised.
+    (default: the module's own), so a loader can read each weight just before it is quantised. `fuse`
+    makes each attention layer's q, k and v one matrix (`qkv`).
 
     Returns {"quantized": layers replaced, "bytes": bytes the replacements hold}.
     """
     backend = get_backend(kernel or fast_cpu_backend())
     out = {"quantized": 0, "bytes": 0}
+
+    def get(qname: str, child: nn.Module, what: str) -> torch.Tensor:
+        return (fetch(f"{qname}.{what}") if fetch else getattr(child, what)).detach()
+
+    def linear(w: torch.Tensor, bias: torch.Tensor | None, group: int) -> QuantLinear:
+        q = quantize_rows(w, group)
+        form = backend.prepare(msb_view(q.codes, q.scale, q.minimum, 8, group))
+        bias = None if bias is None else bias.to(dtype)
+        return QuantLinear(backend, form, w.shape[1], w.shape[0], bias, backend.form_nbytes(form))
+
+    for mname, m, group in list(fusable(model)) if fuse else ():
+        parts = [(f"{mname}.{n}" if mname else n, getattr(m, n)) for n in FUSED]
+        w = torch.cat([get(qn, p, "weight") for qn, p in parts])
+        bias = None if parts[0][1].bias is None else torch.cat([get(qn, p, "bias") for qn, p in parts])
+        m.qkv = linear(w, bias, group)
+        del w
+        for n in FUSED:
+            delattr(m, n)
+        out["quantized"] += len(FUSED)
+        out["bytes"] += m.qkv.nbytes
     for qname, parent, name, child, group in list(replaceable(model)):
-        get = fetch or (lambda n, child=child: getattr(child, n.rpartition(".")[2]))
-        q = quantize_rows(get(f"{qname}.weight").detach(), group)
         if isinstance(child, nn.Embedding):
-            new: nn.Module = QuantEmbedding(q)
+            new: nn.Module = QuantEmbedding(quantize_rows(get(qname, child, "weight"), group))
         else:
-            form = backend.prepare(msb_view(q.codes, q.scale, q.minimum, 8, group))
-            bias = None if child.bias is None else get(f"{qname}.bias").detach().to(dtype)
-            new = QuantLinear(backend, form, child.in_features, child.out_features, bias, backend.form_nbytes(form))
-        del q
+            new = linear(get(qname, child, "weight"), None if child.bias is None else get(qname, child, "bias"),
+                         group)
         setattr(parent, name, new)
         out["quantized"] += 1
         out["bytes"] += new.nbytes

@@ -110,8 +110,10 @@ class OnnxRuntime(Backend, name="onnxruntime"):
             return torch.from_numpy(form.session.run(None, feed)[0])
         if len(form.parts) == 1:
             return torch.from_numpy(form.parts[0].session.run(None, feed)[0])
-        futures = [self.pool.submit(p.session.run, None, feed) for p in form.parts]
-        return torch.from_numpy(np.concatenate([f.result()[0] for f in futures], axis=1))
+        # the caller runs the last block itself while the workers run the others: one hand-off fewer
+        futures = [self.pool.submit(p.session.run, None, feed) for p in form.parts[:-1]]
+        last = form.parts[-1].session.run(None, feed)[0]
+        return torch.from_numpy(np.concatenate([f.result()[0] for f in futures] + [last], axis=1))
 
     def close(self) -> None:
         with self._pool_lock:

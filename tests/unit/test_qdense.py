@@ -3,6 +3,7 @@ trained model's predictions under them."""
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -15,10 +16,11 @@ from torch import nn
 from daemon.config import load_config
 from daemon.errors import MoedError
 from daemon.loaders.build import load_model
+from daemon.models.attention import AttnInputs, causal_mask
 from daemon.models.moe import Router
 from daemon.models.qdense import QuantEmbedding, QuantLinear, group_for, quantize_dense, quantize_rows
 from quant.groups import quantize
-from quant.kernels import available_backends
+from quant.kernels import available_backends, fast_cpu_backend
 
 # relative error of one 8-bit linear layer against float32 on random weights: reference = the quantisation
 # alone (~1/255 of a group's range); torch adds bfloat16 activations, onnxruntime int8 activations
@@ -108,3 +110,28 @@ def test_generate_with_dense_bits_from_the_command_line():
     r = subprocess.run([sys.executable, "-m", "daemon.cli", "generate", "--in-process", "--dense-bits", "4",
                         "--prompt", "x"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--dense-bits" in r.stderr
+
+
+@pytest.mark.parametrize("arch", ["qwen2_moe", "olmoe"])  # q/k/v with biases; OLMoE's whole-projection qk norm
+def test_fused_qkv_computes_what_separate_projections_do(tiny_model, arch):
+    """Groups are per row, so q, k and v fused into one matrix hold the same codes: the attention layer's
+    output is the separately quantised projections' (the kernel computes each output row on its own)."""
+    lm = load_model(tiny_model(arch))
+    attn = lm.model.model.layers[0].self_attn
+    fused, apart = (copy.deepcopy(attn) for _ in range(2))
+    kernel = fast_cpu_backend()
+    assert quantize_dense(fused, kernel)["quantized"] == 4 and quantize_dense(apart, kernel, fuse=False)["quantized"] == 4
+    assert isinstance(fused.qkv, QuantLinear) and not hasattr(fused, "q_proj")
+    assert apart.qkv is None and isinstance(apart.q_proj, QuantLinear)
+    if arch == "qwen2_moe":
+        assert fused.qkv.bias is not None and torch.equal(
+            fused.qkv.bias, torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]))
+    x = torch.randn(1, 5, lm.args.hidden_size)
+    outs = []
+    for m in (fused, apart, attn):
+        cache = lm.model.new_cache()
+        cos, sin = lm.model.rope.tables(torch.arange(5))
+        with torch.no_grad():
+            outs.append(m(x, AttnInputs(cos, sin, causal_mask(5, 0, x.device), cache)))
+    assert torch.allclose(outs[0], outs[1], rtol=0, atol=1e-6)
+    assert float((outs[0] - outs[2]).norm() / outs[2].norm()) < 2 * LINEAR_TOL[kernel]  # and near float32
