@@ -9,6 +9,7 @@ from pathlib import Path
 
 from daemon.errors import MoedError
 from daemon.metrics import MetricsView
+from offload.schedule import LayerCosts
 from profiler.machine import CostTimes, load_machine
 from profiler.profile import default_profile_path
 from profiler.shapes import ModelShape
@@ -110,3 +111,18 @@ def decode_step_seconds(times: CostTimes, batch: int, context: int) -> float:
     return sum(times.attention(batch, context) +
                (best_split(times, batch, counts) if layer in moe else times.dense_mlp(batch))
                for layer in range(shape.num_layers))
+
+
+def profile_costs(config: dict, bits: int, path: Path | None = None) -> LayerCosts | None:
+    """Op times for the intra-layer scheduler (offload.schedule) of a model (its config.json dict) with
+    experts at `bits`, from this machine's stored profile (or `path`); None without a profile that times
+    experts on a GPU (the plan would put every expert on the CPU)."""
+    try:
+        machine = load_machine(path or default_profile_path())
+        shape = ModelShape.from_config(config)
+        costs = LayerCosts.from_op_times({bits: machine.times(shape, bits)}, shape) if machine.has_gpu else None
+        if costs is not None:
+            costs.gpu(1, bits)  # the profile can time a GPU expert of this model
+    except (MoedError, KeyError, ValueError):  # UnknownOp is a KeyError
+        return None
+    return costs

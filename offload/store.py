@@ -7,8 +7,10 @@ from collections import Counter
 
 import json
 import struct
+import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from offload.errors import FormatError
@@ -20,6 +22,7 @@ from quant.planes import PLANES
 from quant.schemes import Scheme, scheme
 from quant.views import ExpertViews
 
+ROWS_CHUNK = 8 << 20  # bytes a matrix read for its rows is verified in at a time
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
@@ -269,6 +272,24 @@ class DenseReader:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
+    def rows(self, name: str) -> "TensorRows | None":
+        """A matrix whose rows are read from the file when looked up (an embedding table a model need not
+        hold): its extent is verified now, a chunk at a time, and nothing of it is kept. None if absent."""
+        got = self._tensors.get(name)
+        if got is None:
+            return None
+        e, dtype, shape = got
+        if len(shape) != 2 or not e.length:
+            raise FormatError(f"tensor {name} has shape {shape}: rows need a non-empty matrix", self.path)
+        crc = 0
+        for at in range(0, e.length, ROWS_CHUNK):
+            crc = zlib.crc32(self._reader.read(e.offset + at, min(ROWS_CHUNK, e.length - at)), crc)
+        if f"{crc & 0xFFFFFFFF:08x}" != e.checksum:
+            raise FormatError(f"extent {name} (offset {e.offset}, length {e.length}): checksum mismatch "
+                              f"(crc32 {crc & 0xFFFFFFFF:08x}, manifest {e.checksum})", self.path)
+        self._unread.discard(name)
+        return TensorRows(CountingReader(self.path, direct=False), e.offset, dtype, (shape[0], shape[1]))
+
     def check_unread(self) -> None:
         """Verify every extent no tensor() call has read (unused tensors, gaps between them)."""
         for e in self.file.extents:
@@ -284,6 +305,35 @@ class DenseReader:
     def close(self) -> None:
         """Close the file."""
         self._reader.close()
+
+
+class TensorRows:
+    """Rows of a verified matrix in a file, each read with a positioned read when asked for."""
+
+    def __init__(self, reader: CountingReader, offset: int, dtype: torch.dtype, shape: tuple[int, int]) -> None:
+        self.reader, self.offset, self.dtype, self.shape = reader, offset, dtype, shape
+        self.row_bytes = shape[1] * dtype.itemsize
+
+    def block(self, a: int, b: int) -> torch.Tensor:
+        """Rows a..b-1 with one read, [b - a, columns]."""
+        if not 0 <= a < b <= self.shape[0]:
+            raise IndexError(f"rows {a}..{b - 1} are not within 0..{self.shape[0] - 1}")
+        buf = self.reader.read(self.offset + a * self.row_bytes, (b - a) * self.row_bytes)
+        return torch.frombuffer(buf, dtype=self.dtype).reshape(b - a, self.shape[1])
+
+    def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ids (any shape of int64 within range) -> [*ids.shape, columns]."""
+        flat = ids.reshape(-1).tolist()
+        if flat and not 0 <= min(flat) <= max(flat) < self.shape[0]:
+            raise IndexError(f"row ids must be in 0..{self.shape[0] - 1}")
+        out = torch.empty(len(flat), self.shape[1], dtype=self.dtype)
+        view = out.view(torch.uint8).numpy().reshape(len(flat), self.row_bytes)
+        for i, r in enumerate(flat):
+            view[i] = np.frombuffer(self.reader.read(self.offset + r * self.row_bytes, self.row_bytes), np.uint8)
+        return out.reshape(*ids.shape, self.shape[1])
+
+    def close(self) -> None:
+        self.reader.close()
 
 
 def dense_extents(path: Path) -> tuple[Extent, ...]:

@@ -25,9 +25,11 @@ GPU; on a machine without one, tests emulate it on the CPU with a budget and wor
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -37,6 +39,7 @@ from offload.cache import CachePolicy, Key, Tier, make_cache_policy
 from offload.errors import MoedError
 from offload.provider import layer_experts
 from offload.routing import group_by_expert, scatter_add
+from offload.schedule import LayerCosts, schedule
 from offload.store import Store
 from quant.kernels import Backend, PreparedExpert, get_backend
 from offload.views import LinkView, TierView
@@ -87,6 +90,11 @@ class Accelerator:
         """An expert's FFN on the compute worker, with as many torch threads as the caller has: an emulated
         accelerator then computes exactly what the CPU would (a worker thread starts with torch's default)."""
         return self.compute.submit(_with_threads, torch.get_num_threads(), self.backend.ffn, x, form)
+
+    def after(self, copy: Future, x: torch.Tensor) -> Future:
+        """An expert's FFN on the compute worker once `copy` gives its form (the stream waits for the copy)."""
+        return self.compute.submit(lambda n=torch.get_num_threads(): _with_threads(
+            n, self.backend.ffn, x, copy.result().form))
 
     def close(self) -> None:
         """Stop the workers."""
@@ -139,13 +147,18 @@ class TieredExperts:
     def __init__(self, store: Store, bits: int = PLANES, backend: str | Backend = "reference", act: str = "silu",
                  budgets: Budgets = Budgets(), policy: str | CachePolicy = "moed",
                  accelerator: Accelerator | None = None, io_threads: int = 2, prefetch: bool = True,
-                 sizes: ExpertSizes | None = None, keep_planes: bool | None = None) -> None:
+                 sizes: ExpertSizes | None = None, keep_planes: bool | None = None,
+                 costs: LayerCosts | None = None) -> None:
         if not 1 <= bits <= PLANES:
             raise ValueError(f"bits must be in 1..{PLANES}, got {bits}")
         self.store, self.bits, self.act = store, bits, act
         self.backend = get_backend(backend) if isinstance(backend, str) else backend
         self.policy = make_cache_policy(policy, len(store.layers)) if isinstance(policy, str) else policy
         self.accel = accelerator
+        # with an accelerator and op times, each layer runs the intra-layer scheduler's plan (offload.schedule):
+        # which experts run where, which are copied to the accelerator first, in which order reads are issued
+        self.costs = costs if accelerator is not None else None
+        self.plans = 0  # layers run by a plan
         self.prefetch_enabled = prefetch
         self.sizes = sizes or ExpertSizes(store, act)
         # stored planes are kept beside the compute form only when asked (to raise an expert's bits
@@ -394,6 +407,44 @@ class TieredExperts:
 
         self.accel.copy.submit(copy)
 
+    def _stage_room(self, key: Key, bits: int) -> int | None:
+        """Reserve room in the accelerator tier for a planned copy of `key` (lock held): its form's bytes,
+        or None if it is there (or on its way) already or there is no room without waiting."""
+        nbytes = self.form_bytes(self.accel.backend, bits)
+        if key in self.tiers["vram"].held or nbytes > self.tiers["vram"].capacity:
+            return None
+        return nbytes if self._reserve("vram", key, nbytes, evict=True, wait=False) else None
+
+    def _stage(self, key: Key, src: "Held | Future", nbytes: int) -> Held:
+        """On the copy worker: the accelerator's form of an expert held in RAM (or being read into it)."""
+        held = src.result() if isinstance(src, Future) else src
+        with self._cv:
+            self._link_begin("ram->vram")
+        form = None
+        try:
+            form = self.accel.backend.prepare_expert(self.store.views(held.sections, held.bits), self.act)
+        finally:
+            with self._cv:
+                self._moved("ram->vram", form.nbytes if form is not None else 0)
+        return Held(held.bits, [], form, nbytes)
+
+    def _staged_done(self, key: Key, staged: "Future", nbytes: int) -> None:
+        """After a planned copy's use: keep it in the accelerator tier if the policy admits it, else free
+        its room (also when the copy failed)."""
+        with self._cv:
+            t = self.tiers["vram"]
+            held = None if staged.exception() is not None else staged.result()
+            t.remove(key)
+            victims = None if held is None else self.policy.victims(key, nbytes, t, list(self._pinned))
+            if victims is not None and all(v in self._held["vram"] for v in victims):
+                for v in victims:
+                    self._evict("vram", v)
+                if t.free() >= nbytes:
+                    t.add(key, nbytes)
+                    self._held["vram"][key] = held
+                    self.stats["vram"].peak = max(self.stats["vram"].peak, t.used)
+            self._cv.notify_all()
+
     def _prefetch(self, key: Key) -> None:
         """Read an expert ahead into free room, or over experts the policy ranks lower; never waits."""
         with self._cv:
@@ -492,6 +543,16 @@ class LayerExperts:
             p.stats["ram"].misses += len(missing)
             held = {e: p._held["vram"][(layer, e)] for e in accel}
             held.update({e: p._held["ram"][(layer, e)] for e in ram})
+            staged: dict[int, int] = {}  # expert -> accelerator bytes reserved for its planned copy
+            reads, copies = missing, []
+            if p.costs is not None:
+                plan = self._plan(counts, accel, ram, held)
+                reads, p.plans = list(plan.reads) + [e for e in missing if e not in plan.reads], p.plans + 1
+                for e in plan.copies:  # copy stream order; an expert with no room runs on the CPU
+                    if (nbytes := p._stage_room((layer, e), bits)) is not None:
+                        staged[e] = nbytes
+                        copies.append(e)
+                ram = [e for e in ram if e not in staged]
         unpinned: set[int] = set()
 
         def unpin(e: int) -> None:  # once per expert, whichever comes first: its use ending or an error
@@ -507,11 +568,16 @@ class LayerExperts:
                 return x if x.shape[0] == 1 else x[rows[e]]  # one token: every expert's input is x itself
 
             fetches = {e: p._io.submit(_after, p._inflight.get((layer, e)), p._fetch, (layer, e), bits)
-                       for e in missing}
+                       for e in reads}
             done: dict[int, torch.Tensor | Future] = {}
             for e in accel:
                 done[e] = p.accel.ffn(inp(e), held[e].form)
                 done[e].add_done_callback(lambda _f, e=e: unpin(e))
+            for e in copies:  # planned copies (after their reads), then their use on the accelerator
+                src = fetches.pop(e) if e in fetches else held[e]
+                copy = p.accel.copy.submit(p._stage, (layer, e), src, staged[e])
+                done[e] = p.accel.after(copy, inp(e))
+                done[e].add_done_callback(_Once(self._staged_used, e, copy, src, staged[e], unpin))
             self._prefetch_next(x)
             cpu, t_cpu = p.backend, time.perf_counter()
 
@@ -519,7 +585,7 @@ class LayerExperts:
                 """Expert e on the CPU, then `then()`: side by side on the backend's workers if it has them."""
                 if cpu.concurrent:
                     done[e] = cpu.pool.submit(cpu.ffn, inp(e), form)
-                    done[e].add_done_callback(lambda _f: then())
+                    done[e].add_done_callback(_Once(then))
                 else:
                     done[e] = cpu.ffn(inp(e), form)
                     then()
@@ -546,7 +612,8 @@ class LayerExperts:
                 ready, _ = wait(list(fetches.values()), return_when=FIRST_COMPLETED)
                 for e in [e for e, f in fetches.items() if f in ready]:
                     h = fetches.pop(e).result()
-                    run(e, h.form, lambda e=e, h=h: keep(e, h))
+                    run(e, h.form, functools.partial(keep, e, h))
+                h = None  # (each streamed expert's form is freed once it has run and is not kept)
             for part in parts:
                 ran.update(part.result() if isinstance(part, Future) else part)
             out = torch.zeros_like(x)
@@ -565,6 +632,29 @@ class LayerExperts:
                     pass
             for e in ram:
                 unpin(e)
+
+    def _plan(self, counts: dict[int, int], accel: list[int], ram: list[int], held: dict[int, Held]):
+        """The scheduler's plan for this layer's demand, from where each expert is held (lock held)."""
+        p = self.p
+        residency: dict[int, dict[str, int]] = {e: {} for e in counts}
+        for e in accel:
+            residency[e]["vram"] = held[e].bits
+            if (h := p._held["ram"].get((self.layer, e))) is not None:
+                residency[e]["ram"] = h.bits
+        for e in ram:
+            residency[e]["ram"] = held[e].bits
+        return schedule(counts, residency, p.bits, p.costs)
+
+    def _staged_used(self, e: int, copy: Future, src: "Held | Future", nbytes: int, unpin) -> None:
+        """A planned copy has been used (or failed): the accelerator keeps it or frees it; an expert read for
+        it is kept in RAM if the policy admits it, and one that was held there is unpinned."""
+        key = (self.layer, e)
+        self.p._staged_done(key, copy, nbytes)
+        if isinstance(src, Future):
+            if src.exception() is None:
+                self.p._keep(key, src.result())
+        else:
+            unpin(e)
 
     def _prefetch_next(self, x: torch.Tensor) -> None:
         """Predict the next MoE layer's experts with its router on this layer's input; read them ahead."""
@@ -585,6 +675,19 @@ class LayerExperts:
             if ranked[e] == 0:
                 break
             p._prefetch((nxt, e))
+
+
+class _Once:
+    """A future's done-callback that calls fn(*args) once and then lets go of them: a future keeps its
+    callbacks, and one holding a streamed expert's form would keep it alive after its room is freed."""
+
+    def __init__(self, fn, *args) -> None:
+        self.call: tuple | None = (fn, args)
+
+    def __call__(self, _future=None) -> None:
+        call, self.call = self.call, None
+        if call is not None:
+            call[0](*call[1])
 
 
 def _shares(experts: list[int], counts: dict[int, int], n: int) -> list[list[int]]:
@@ -698,9 +801,11 @@ def return_freed_memory() -> None:
 M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
 
 
-def tiered_experts(store: Store, options: OffloadOptions, kernel: str = "reference",
-                   act: str = "silu") -> TieredExperts:
-    """A TieredExperts for a store under `options` (budgets resolved, bits chosen, RAM filled)."""
+def tiered_experts(store: Store, options: OffloadOptions, kernel: str = "reference", act: str = "silu",
+                   costs: LayerCosts | Callable[[int], LayerCosts | None] | None = None) -> TieredExperts:
+    """A TieredExperts for a store under `options` (budgets resolved, bits chosen, RAM filled). With an
+    accelerator, `costs` (or costs(bits), asked only then) gives the op times each layer is planned with;
+    None: experts run where they are held."""
     options.validate()
     return_freed_memory()
     backend = get_backend(kernel)
@@ -726,7 +831,9 @@ def tiered_experts(store: Store, options: OffloadOptions, kernel: str = "referen
         accel = Accelerator.create(kind, backend)
         if vram_share is not None:
             vram_bytes = int(vram_share * sizes.form(accel.backend, PLANES) * n_total)
+    if accel is not None and callable(costs):
+        costs = costs(bits)
     provider = TieredExperts(store, bits, backend, act, Budgets(ram_at(bits), vram_bytes or 0), options.policy,
-                             accel, options.io_threads, options.prefetch, sizes)
+                             accel, options.io_threads, options.prefetch, sizes, costs=costs)
     provider.preload()
     return provider

@@ -17,12 +17,12 @@ from daemon.loaders.checkpoint import Checkpoint
 from daemon.models import architecture
 from daemon.models.args import ModelArgs
 from daemon.models.moe import ExpertProvider, ExpertWeights, InMemoryExperts
-from daemon.models.qdense import quantize_dense
+from daemon.models.qdense import RowsEmbedding, quantize_dense
 from quant.kernels import fast_cpu_backend, get_backend
 from daemon.models.transformer import CausalLM
 from daemon.tokenizer import Tokenizer
 from offload.manifest import MANIFEST
-from offload.tiered import OffloadOptions
+from offload.tiered import OffloadOptions, return_freed_memory
 
 
 @dataclass(slots=True)
@@ -92,6 +92,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, bits
     """
     if dense_bits not in (None, 8):
         raise MoedError(f"dense bits must be 8 (got {dense_bits})")
+    if dense_bits or offload is not None:  # the lean modes: a freed block's memory goes back to the system
+        return_freed_memory()
     if offload is not None:
         try:
             offload.validate()
@@ -108,15 +110,22 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, bits
     renames = getattr(arch, "RENAMES", ())
     shapes = {name: tuple(p.shape) for name, p in model.state_dict().items()}
 
-    def fetch(name: str) -> torch.Tensor:
-        if name == "lm_head.weight" and args.tie_word_embeddings:
-            name = "model.embed_tokens.weight"
-        return checked_tensor(ckpt, name, shapes[name], renames)
+    def source(name: str) -> str:  # a tied lm_head is the embedding
+        return "model.embed_tokens.weight" if name == "lm_head.weight" and args.tie_word_embeddings else name
 
+    def fetch(name: str) -> torch.Tensor:
+        return checked_tensor(ckpt, source(name), shapes[name], renames)
+
+    def rows(name: str):
+        """A store's matrix, verified now, its rows read when asked for (offload.store.TensorRows)."""
+        return checked_tensor(ckpt, source(name), shapes[name], renames, ckpt.rows)
+
+    if hasattr(ckpt, "rows") and not args.tie_word_embeddings:  # the table stays in the store: rows read on use
+        model.model.embed_tokens = RowsEmbedding(rows("model.embed_tokens.weight"), dtype)
     backends = []
     if dense_bits:  # each weight is read, quantised and dropped in turn: the float weights are never all held
         backends.append(get_backend(fast_cpu_backend()))
-        quantize_dense(model, backends[0].name, dtype, fetch)
+        quantize_dense(model, backends[0].name, dtype, fetch, rows=rows if hasattr(ckpt, "rows") else None)
     tied = args.tie_word_embeddings
     names = list(model.state_dict())  # what is left to load: the quantised layers hold their own weights
     state = {name: fetch(name).to(dtype) for name in names if not (tied and name == "lm_head.weight")}
@@ -167,10 +176,11 @@ def _finish(model: CausalLM, provider, ckpt: Checkpoint, args: ModelArgs, backen
     return LoadedModel(model, tokenizer, args, provider, str(ckpt.path))
 
 
-def checked_tensor(ckpt: Checkpoint, name: str, shape: tuple[int, ...], renames) -> torch.Tensor:
-    """The checkpoint's tensor for a moed parameter name, as stored, after checking its shape."""
+def checked_tensor(ckpt: Checkpoint, name: str, shape: tuple[int, ...], renames, get=None) -> torch.Tensor:
+    """The checkpoint's tensor for a moed parameter name, as stored, after checking its shape (`get`, by
+    checkpoint name, instead of ckpt.tensor: anything with a shape)."""
     for cand in hf_names(name, renames):
-        t = ckpt.tensor(cand)
+        t = (get or ckpt.tensor)(cand)
         if t is not None:
             if tuple(t.shape) != shape:
                 raise FormatError(f"tensor {cand} has shape {tuple(t.shape)} but the config implies {shape}",

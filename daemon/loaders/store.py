@@ -4,11 +4,13 @@ a provider that serves the quantised experts at a chosen bit-width."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 
+from daemon.costcheck import profile_costs
 from daemon.errors import FormatError
 from daemon.loaders.checkpoint import Checkpoint
 from daemon.models.args import ModelArgs
@@ -18,7 +20,7 @@ from offload.layout import MATRICES
 from offload.manifest import MANIFEST
 from offload.provider import StoreExperts
 from offload.tiered import OffloadOptions, TieredExperts, tiered_experts
-from offload.store import DenseReader, Store
+from offload.store import DenseReader, Store, TensorRows
 from quant.kernels import fast_cpu_backend
 from quant.planes import PLANES
 
@@ -39,6 +41,12 @@ class StoreCheckpoint(Checkpoint):
         if self._dense is None:
             self._dense = self.store.dense()
         return self._dense.tensor(name)
+
+    def rows(self, name: str) -> TensorRows | None:
+        """A dense matrix left in the file, verified now, its rows read when looked up (None if absent)."""
+        if self._dense is None:
+            self._dense = self.store.dense()
+        return self._dense.rows(name)
 
     def check_unread(self) -> None:
         """Verify the dense file's extents no tensor() call read."""
@@ -91,7 +99,8 @@ class StoreCheckpoint(Checkpoint):
             if offload is not None:
                 if bits is not None:
                     offload = dataclasses.replace(offload, bits=bits)
-                return tiered_experts(self.store, offload, kernel or fast_cpu_backend(), args.hidden_act)
+                return tiered_experts(self.store, offload, kernel or fast_cpu_backend(), args.hidden_act,
+                                      functools.partial(profile_costs, self.config))
             provider = StoreExperts(self.store, PLANES if bits is None else bits, kernel or DEFAULT_KERNEL,
                                     args.hidden_act)
         except ValueError as e:

@@ -13,6 +13,7 @@ call instead of three per token); the embedding dequantises the rows it looks up
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -70,6 +71,21 @@ class QuantEmbedding(nn.Module):
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.minimum))
 
 
+class RowsEmbedding(nn.Module):
+    """An embedding table left in the model's file: the rows a forward looks up are read then (a token's
+    row is a few KiB; the table, vocabulary x hidden, need not be held). `rows[ids]` gives them as stored."""
+
+    def __init__(self, rows, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.rows, self.dtype = rows, dtype
+        self.num_embeddings, self.embedding_dim = rows.shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.rows[ids].to(self.dtype)
+
+    nbytes = 0  # bytes held
+
+
 def group_for(k: int) -> int | None:
     """The largest supported group size dividing a row of length k, or None."""
     return next((g for g in sorted(GROUP_SIZES, reverse=True) if k % g == 0), None)
@@ -82,6 +98,7 @@ def quantize_rows(w: torch.Tensor, group: int, rows: int = 4096) -> GroupCodes:
                       torch.cat([p.minimum for p in parts]), 8, group)
 
 
+BLOCK_CODES = 16 << 20  # a matrix read in row blocks (see quantize_dense's rows) is made in blocks of this many codes
 FUSED = ("q_proj", "k_proj", "v_proj")  # an attention layer's projections of its input, fused into `qkv`
 
 
@@ -111,11 +128,15 @@ def replaceable(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Modu
 
 
 def quantize_dense(model: nn.Module, kernel: str | None = None, dtype: torch.dtype = torch.float32,
-                   fetch: Callable[[str], torch.Tensor] | None = None, fuse: bool = True) -> dict[str, int]:
+                   fetch: Callable[[str], torch.Tensor] | None = None, fuse: bool = True,
+                   rows: Callable[[str], Any] | None = None) -> dict[str, int]:
     """Replace the model's linear layers (routers and small gates excepted) and token embedding with
     8-bit ones, in place; biases become `dtype`. `fetch(name)` gives a parameter by its state-dict name
     (default: the module's own), so a loader can read each weight just before it is quantised. `fuse`
-    makes each attention layer's q, k and v one matrix (`qkv`).
+    makes each attention layer's q, k and v one matrix (`qkv`). `rows(name)`, where given, reads a weight of
+    BLOCK_CODES or more a block of rows at a time (`.shape`, `.block(a, b)`, as offload.store.TensorRows), and
+    each block is quantised and made into the backend's form in turn: a large matrix (lm_head) is then never
+    held whole in float or as codes while it loads.
 
     Returns {"quantized": layers replaced, "bytes": bytes the replacements hold}.
     """
@@ -125,17 +146,25 @@ def quantize_dense(model: nn.Module, kernel: str | None = None, dtype: torch.dty
     def get(qname: str, child: nn.Module, what: str) -> torch.Tensor:
         return (fetch(f"{qname}.{what}") if fetch else getattr(child, what)).detach()
 
-    def linear(w: torch.Tensor, bias: torch.Tensor | None, group: int) -> QuantLinear:
+    def view(w: torch.Tensor, group: int):
         q = quantize_rows(w, group)
-        form = backend.prepare(msb_view(q.codes, q.scale, q.minimum, 8, group))
+        return msb_view(q.codes, q.scale, q.minimum, 8, group)
+
+    def linear(form, shape: tuple[int, int], bias: torch.Tensor | None) -> QuantLinear:
         bias = None if bias is None else bias.to(dtype)
-        return QuantLinear(backend, form, w.shape[1], w.shape[0], bias, backend.form_nbytes(form))
+        return QuantLinear(backend, form, shape[1], shape[0], bias, backend.form_nbytes(form))
+
+    def blocks(src, group: int) -> Iterator:
+        n, k = src.shape
+        step = max(1, BLOCK_CODES // k)
+        for a in range(0, n, step):
+            yield view(src.block(a, min(n, a + step)), group)
 
     for mname, m, group in list(fusable(model)) if fuse else ():
         parts = [(f"{mname}.{n}" if mname else n, getattr(m, n)) for n in FUSED]
         w = torch.cat([get(qn, p, "weight") for qn, p in parts])
         bias = None if parts[0][1].bias is None else torch.cat([get(qn, p, "bias") for qn, p in parts])
-        m.qkv = linear(w, bias, group)
+        m.qkv = linear(backend.prepare(view(w, group)), w.shape, bias)
         del w
         for n in FUSED:
             delattr(m, n)
@@ -143,11 +172,14 @@ def quantize_dense(model: nn.Module, kernel: str | None = None, dtype: torch.dty
         out["bytes"] += m.qkv.nbytes
     for qname, parent, name, child, group in list(replaceable(model)):
         if isinstance(child, nn.Embedding):
-            new: nn.Module = QuantEmbedding(quantize_rows(get(qname, child, "weight"), group))
+            setattr(parent, name, QuantEmbedding(quantize_rows(get(qname, child, "weight"), group)))
         else:
-            new = linear(get(qname, child, "weight"), None if child.bias is None else get(qname, child, "bias"),
-                         group)
-        setattr(parent, name, new)
+            big = rows is not None and child.in_features * child.out_features >= BLOCK_CODES
+            src = rows(f"{qname}.weight") if big else None
+            form = backend.prepare_rows(blocks(src, group)) if src is not None else \
+                backend.prepare(view(get(qname, child, "weight"), group))
+            bias = None if child.bias is None else get(qname, child, "bias")
+            setattr(parent, name, linear(form, (child.out_features, child.in_features), bias))
         out["quantized"] += 1
-        out["bytes"] += new.nbytes
+        out["bytes"] += getattr(parent, name).nbytes
     return out

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from quant.views import ExpertViews, QuantView
+from quant.views import AffineTerm, ExpertViews, QuantView
 
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu, "swish": F.silu, "gelu": F.gelu, "relu": F.relu,
@@ -54,6 +54,16 @@ class Backend:
     def linear(self, x: torch.Tensor, form: Any) -> torch.Tensor:
         """x [T, K] -> x @ W^T [T, N] in float32."""
         raise NotImplementedError
+
+    def prepare_rows(self, blocks: Iterable[QuantView]) -> Any:
+        """The compute form of one matrix given as consecutive blocks of its rows (same K, group and term
+        bits), taken one at a time: a backend whose form is made per block never needs the whole matrix's
+        codes at once. By default the blocks are joined and prepared as one."""
+        views = list(blocks)
+        return self.prepare(views[0] if len(views) == 1 else QuantView(
+            tuple(AffineTerm(torch.cat([v.terms[i].codes for v in views]), t.bits,
+                             torch.cat([v.terms[i].scale for v in views]), torch.cat([v.terms[i].zero for v in views]))
+                  for i, t in enumerate(views[0].terms)), views[0].bits, views[0].group))
 
     def form_nbytes(self, form: Any) -> int:
         """Bytes a matrix's compute form holds."""

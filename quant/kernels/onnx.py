@@ -16,7 +16,9 @@ session holds only the packed weights and keeps no reference to the views (`_hel
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import threading
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -103,6 +105,17 @@ class OnnxRuntime(Backend, name="onnxruntime"):
         parts = tuple(self._session(_skeleton((_signature(v),), None, self.accuracy_level), (v,))
                       for v in (_rows(view, a, b) for a, b in zip(edges, edges[1:])))
         return OrtMatrix(parts, sum(p.nbytes for p in parts))
+
+    def prepare_rows(self, blocks: Iterable[QuantView]) -> OrtMatrix:
+        """A matrix from blocks of its rows: a session per block, each made as its block arrives (or
+        prepare's split of a single block)."""
+        it = iter(blocks)
+        first, second = next(it), next(it, None)
+        if second is None:
+            return self.prepare(first)
+        parts = [self._session(_skeleton((_signature(v),), None, self.accuracy_level), (v,))
+                 for v in itertools.chain((first, second), it)]
+        return OrtMatrix(tuple(parts), sum(p.nbytes for p in parts))
 
     def linear(self, x: torch.Tensor, form: OrtExpert | OrtMatrix) -> torch.Tensor:
         feed = {"X": x.detach().float().contiguous().numpy()}

@@ -126,7 +126,9 @@ def test_synth_and_simulate_every_policy(stored_profile, tmp_path, run):
             assert r.returncode == 0, r.stderr
             d = json.loads(r.stdout)
             assert d["trace"].startswith("SYNTHETIC") and d["policy"] == policy and d["tokens"] == 4 + 8
-            assert d["per_token_s"] >= d["lower_bound_per_token_s"] > 0
+            # a replay can meet its bound (every expert resident, the best split); the two sums then differ
+            # only in their order of addition (seen: 0.15363301578805086 vs ...5408)
+            assert d["per_token_s"] >= d["lower_bound_per_token_s"] * (1 - 1e-12) and d["lower_bound_per_token_s"] > 0
             assert sum(d["hit_rate"].values()) == pytest.approx(1.0)
             assert set(d["link_bytes"]) == {"flash->ram", "ram->vram"}
             assert d["budgets"]["vram"] == (1 << 30 if machine != "this" else 0)

@@ -13,6 +13,7 @@ import torch
 
 from daemon.convert import convert
 from daemon.loaders.build import load_model
+from daemon.models.qdense import RowsEmbedding
 from daemon.models import SUPPORTED
 from daemon.tiny import corpus_text
 
@@ -76,8 +77,18 @@ def test_fewer_bits_agree_less(arch, loaded, stores):
 def test_store_keeps_dense_weights_tokenizer_and_config(tiny_model, stores, loaded):
     ref = loaded("qwen2_moe")
     lm = load_model(stores("qwen2_moe"), bits=8)
-    for (name, a), (_, b) in zip(ref.model.state_dict().items(), lm.model.state_dict().items()):
-        assert torch.equal(a, b), name  # dense weights are stored losslessly
+    want = ref.model.state_dict()
+    got = lm.model.state_dict()
+    assert set(want) - set(got) == {"model.embed_tokens.weight"}
+    for name, b in got.items():
+        assert torch.equal(want[name], b), name  # dense weights are stored losslessly
+    # the embedding table is left in the file: the rows looked up are read then, as stored
+    emb = lm.model.model.embed_tokens
+    assert isinstance(emb, RowsEmbedding) and emb.nbytes == 0
+    ids = torch.tensor([[0, 5, 5, lm.args.vocab_size - 1], [7, 1, 2, 3]])
+    assert torch.equal(emb(ids), want["model.embed_tokens.weight"][ids])
+    with pytest.raises(IndexError):
+        emb(torch.tensor([lm.args.vocab_size]))
     text = "Which experts ran? naïve café 专家"
     assert lm.tokenizer.encode(text) == ref.tokenizer.encode(text)
     assert lm.tokenizer.eos_ids == ref.tokenizer.eos_ids

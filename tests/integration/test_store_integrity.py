@@ -111,6 +111,15 @@ def test_flipped_byte_in_dense_fails_loading_naming_the_extent(copy, where):
     assert "dense.safetensors" in msg and file_extent_at(copy, "dense.safetensors", offset) in msg, msg
 
 
+def test_flipped_byte_in_the_embedding_left_in_the_file_fails_loading(copy):
+    """The embedding table stays in the file (rows read on use); it is still verified, whole, at load."""
+    m = Manifest.read(copy / "manifest.json")
+    emb = next(e for e in m.files["dense.safetensors"].extents if e.name == "model.embed_tokens.weight")
+    flip(copy / "dense.safetensors", emb.offset + emb.length - 3)
+    with pytest.raises(FormatError, match="dense.safetensors.*extent model.embed_tokens.weight.*checksum mismatch"):
+        load_model(copy, bits=8)
+
+
 def test_flipped_byte_in_tokenizer_fails_loading(copy):
     flip(copy / "tokenizer.json", 100)
     with pytest.raises(FormatError, match="tokenizer.json.*extent tokenizer"):

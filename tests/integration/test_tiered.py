@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
+import weakref
 
 import pytest
 import torch
@@ -19,9 +21,11 @@ from daemon.sampling import SamplingParams
 from offload.provider import StoreExperts
 from offload.routing import Routing
 from offload.store import Store
+from offload.schedule import LayerCosts
 from offload.tiered import (Accelerator, Budgets, ExpertSizes, OffloadOptions, TieredExperts, parse_amount,
                             tiered_experts)
-from quant.kernels import fast_cpu_backend, get_backend
+from quant.kernels import PreparedExpert, available_backends, fast_cpu_backend, get_backend
+from quant.kernels.onnx import OnnxRuntime
 
 MOED = [sys.executable, "-m", "daemon.cli"]
 PROMPT = "The expert said that the cache"
@@ -126,9 +130,14 @@ def test_layer_output_equals_all_resident_whatever_the_placement(store_dir, data
     ram = data.draw(st.integers(1, 2 * len(layers) * store.n_experts(layers[0]))) * one
     vram = data.draw(st.integers(0, 6)) * one
     accel = Accelerator.create("emulated", backend) if vram else None
+    costs = None  # experts run where they are held; else each layer runs the scheduler's plan
+    if accel is not None and data.draw(st.booleans()):
+        op = st.tuples(st.floats(0, 1e-3), st.floats(0, 1e-3))
+        costs = LayerCosts.linear(data.draw(op), data.draw(op), data.draw(op), data.draw(op),
+                                  sum(a * b for a, b in store.layout.shapes))
     p = TieredExperts(store, bits, backend, budgets=Budgets(ram=ram, vram=vram), accelerator=accel,
                       policy=data.draw(st.sampled_from(["lru", "lfu", "score", "moed"])),
-                      io_threads=data.draw(st.integers(1, 3)), prefetch=False)
+                      io_threads=data.draw(st.integers(1, 3)), prefetch=False, costs=costs)
     for key in data.draw(st.lists(st.tuples(st.sampled_from(layers), st.integers(0, 7)), max_size=12)):
         held = p._fetch(key, data.draw(st.integers(1, bits)), evict=True)
         if p._keep(key, held):
@@ -143,6 +152,41 @@ def test_layer_output_equals_all_resident_whatever_the_placement(store_dir, data
         assert torch.equal(p.experts(layer)(x, r), ref.experts(layer)(x, r))
         for name, t in p.tiers.items():
             assert t.used <= t.capacity and p.stats[name].peak <= t.capacity
+    assert p.plans == (3 if costs is not None else 0)
+    p.close()
+
+
+@pytest.mark.parametrize("gpu_fast", [True, False])
+def test_the_scheduler_plan_decides_where_experts_run(store_dir, gpu_fast):
+    """With an (emulated) accelerator and op times, a layer runs its plan: when the accelerator computes
+    an expert far faster than the CPU and copies are cheap, experts held only in RAM are copied to it and
+    run there; when it is slower, none is. The output is the all-resident one either way."""
+    store = Store(store_dir)
+    backend = get_backend("reference")
+    layer, n = store.layers[0], store.n_experts(store.layers[0])
+    one = ExpertSizes(store).ram(backend, 8, True)
+    gpu, cpu = ((1e-6, 0.0), (1e-3, 1e-3)) if gpu_fast else ((1e-2, 1e-2), (1e-6, 0.0))
+    costs = LayerCosts.linear(cpu, gpu, (1e-7, 0.0), (1e-3, 0.0), sum(a * b for a, b in store.layout.shapes))
+    p = TieredExperts(store, 8, backend, budgets=Budgets(ram=2 * n * len(store.layers) * one, vram=n * one),
+                      accelerator=Accelerator.create("emulated", backend), prefetch=False, costs=costs)
+    p.preload()  # every expert in RAM, none on the accelerator
+    assert not p.resident("vram") and len(p.resident("ram")) == n * len(store.layers)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4, store.layout.shapes[0][1], generator=gen)
+    r = routing_for(gen, 4, n, 2)
+    want = StoreExperts(store, 8).experts(layer)(x, r)
+    assert torch.equal(p.experts(layer)(x, r), want)
+    copies = p.links["ram->vram"].transfers
+    used = set(r.experts.reshape(-1).tolist())
+    assert p.plans == 1
+    if gpu_fast:
+        assert copies == len(used) and set(e for _, e in p.resident("vram")) == used  # copied, run, kept
+        assert torch.equal(p.experts(layer)(x, r), want)  # now from the accelerator tier
+        assert p.links["ram->vram"].transfers == copies and p.stats["vram"].hits == len(used)
+    else:
+        assert copies == 0 and not p.resident("vram")
+    for name, t in p.tiers.items():
+        assert t.used <= t.capacity and p.stats[name].peak <= t.capacity
     p.close()
 
 
@@ -216,3 +260,45 @@ def test_resident_experts_report_their_time_per_expert(store_dir):
     assert len(experts) >= 4 * len(p.moe_layers) and all(x >= 1 and s > 0 for x, s in experts)
     assert not [k for k, _, _ in p.timings if k == "read"]  # nothing was read: all resident
     p.close()
+
+
+@pytest.mark.skipif("onnxruntime" not in available_backends(), reason="needs a backend that runs experts side by side")
+def test_a_streamed_experts_form_is_freed_once_it_has_run(store_dir):
+    """With a RAM budget of two experts and a layer that uses all of them, streamed forms are let go as
+    their room is: at no time are more alive than the budget holds plus one per reading thread (a
+    finished expert's future used to keep its form until the whole layer was done)."""
+    store = Store(store_dir)
+    backend = OnnxRuntime()
+    live, most = [0], [0]
+    lock = threading.Lock()
+
+    class Token:  # lives as long as the form it is attached to
+        pass
+
+    def ended() -> None:
+        with lock:
+            live[0] -= 1
+
+    def prepare_expert(views, act):
+        e = OnnxRuntime.prepare_expert(backend, views, act)
+        token = Token()
+        weakref.finalize(token, ended)
+        with lock:
+            live[0] += 1
+            most[0] = max(most[0], live[0])
+        return PreparedExpert(e.forms + (token,), e.act, e.bits, e.nbytes)
+
+    backend.prepare_expert = prepare_expert
+    one = ExpertSizes(store).ram(backend, 8, False)
+    p = TieredExperts(store, 8, backend, budgets=Budgets(ram=2 * one), io_threads=2, prefetch=False)
+    layer, n = store.layers[0], store.n_experts(store.layers[0])
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(32, store.layout.shapes[0][1], generator=gen)
+    r = routing_for(gen, 32, n, 2)
+    assert len(set(r.experts.reshape(-1).tolist())) == n  # every expert, streamed through two experts' room
+    got = p.experts(layer)(x, r)
+    assert 2 <= most[0] <= 2 + 2, most[0]
+    other = OnnxRuntime()
+    assert torch.equal(got, StoreExperts(store, 8, other).experts(layer)(x, r))
+    for b in (p, backend, other):
+        b.close()

@@ -147,3 +147,17 @@ def test_engine_timings_refine_the_cost_model(tiny_config):
     after = p.check(*tiny_config, 8, decode_metrics().view(), slower)
     assert p.observed == 60 and after.predicted > 2 * before.predicted
     assert p.check(*tiny_config, 8, decode_metrics().view()).predicted == after.predicted  # kept
+
+
+def test_profile_costs_plan_with_a_gpu_profile_only(tmp_path, tiny_config):
+    """The scheduler's op times come from a profile that times GPU experts; a CPU-only profile or none
+    gives None (experts then run where they are held)."""
+    from daemon.costcheck import profile_costs
+    from profiler.machine import MACHINES_DIR
+
+    config = tiny_config[1]
+    assert profile_costs(config, 4, tmp_path / "none.json") is None
+    assert profile_costs(config, 4, PROFILE) is None  # this machine: no GPU
+    costs = profile_costs(config, 4, MACHINES_DIR / "laptop-rtx4060-8gb.json")
+    assert costs is not None and costs.has_gpu
+    assert 0 < costs.gpu(1, 4) < costs.cpu(1, 4) and costs.h2d(1 << 20) > 0 and costs.read(1 << 20) > 0

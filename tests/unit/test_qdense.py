@@ -135,3 +135,35 @@ def test_fused_qkv_computes_what_separate_projections_do(tiny_model, arch):
             outs.append(m(x, AttnInputs(cos, sin, causal_mask(5, 0, x.device), cache)))
     assert torch.allclose(outs[0], outs[1], rtol=0, atol=1e-6)
     assert float((outs[0] - outs[2]).norm() / outs[2].norm()) < 2 * LINEAR_TOL[kernel]  # and near float32
+
+
+class Rows:
+    """A matrix read a block of rows at a time (as offload.store.TensorRows), counting the reads."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        self.w, self.shape, self.reads = w, tuple(w.shape), []
+
+    def block(self, a: int, b: int) -> torch.Tensor:
+        self.reads.append((a, b))
+        return self.w[a:b].clone()
+
+
+@pytest.mark.parametrize("kernel", [k for k in LINEAR_TOL if k in available_backends()])
+def test_a_large_matrix_made_from_row_blocks_computes_what_the_whole_matrix_does(kernel, monkeypatch):
+    """quantize_dense with `rows` reads a large weight in blocks of rows and makes each block's form in
+    turn (onnxruntime: a session per block); codes are per row group, so the layer computes exactly what
+    the matrix quantised whole computes."""
+    import daemon.models.qdense as qd
+    monkeypatch.setattr(qd, "BLOCK_CODES", 128 * 256)
+    torch.manual_seed(1)
+    whole, blocked = nn.Sequential(nn.Linear(256, 600, bias=True)), nn.Sequential(nn.Linear(256, 600, bias=True))
+    blocked.load_state_dict(whole.state_dict())
+    src = Rows(whole[0].weight.detach())
+    quantize_dense(whole, kernel)
+    quantize_dense(blocked, kernel, rows=lambda name: src if name == "0.weight" else None)
+    assert src.reads == [(0, 128), (128, 256), (256, 384), (384, 512), (512, 600)]
+    if kernel == "onnxruntime":
+        assert len(blocked[0].form.parts) == 5
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        assert torch.equal(blocked[0](x), whole[0](x))
