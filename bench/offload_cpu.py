@@ -30,7 +30,8 @@ expert hit rate and bytes read from the store count the decode steps only.
 Simulator check. The uncapped base run records a routing trace (profiler.trace.record_trace);
 the trace simulator replays it on this machine's profile (the stored `moed profile`, else
 bench/results/profile_this_machine.json; moed's runs timed with its kernel's expert curves)
-under the matching policy (llama.cpp -> llamacpp, lru -> lru, score -> hybrimoe) with
+under the matching policy (llama.cpp -> llamacpp, lru -> lru, score -> hybrimoe's cache without its
+prefetch; moed's replays read ahead what its engine read ahead, recorded in the trace) with
 as many experts in RAM as the run could hold, and its decode seconds per token are compared with
 the measured ones. lfu and moed have no simulator policy: no prediction is made for them.
 
@@ -69,7 +70,8 @@ if TYPE_CHECKING:
 ARCH = "olmoe"
 QUICK = {"hidden_size": 256, "num_experts": 8, "num_experts_per_tok": 2}  # on top of daemon.tiny's olmoe
 POLICIES = ("lru", "lfu", "score", "moed")
-SIM_POLICY = {"llama.cpp": "llamacpp", "lru": "lru", "score": "hybrimoe"}
+SIM_POLICY = {"llama.cpp": "llamacpp", "lru": "lru", "score": "hybrimoe:prefetch=0"}
+READ_AHEAD = ("lru", "score")  # moed's replays: its engine's read-ahead (recorded in the trace), not the policy's
 BITS = 8
 DENSE_BITS = 8
 MARGIN_SHARE, MIN_MARGIN = 0.25, 300 << 20
@@ -401,17 +403,19 @@ def moed_kernel() -> str:
     return fast_cpu_backend()
 
 
-def predict(trace: Trace, machine: Machine, policy: str, experts_held: int) -> dict:
-    """Simulated seconds per decode token of the trace under `policy` with `experts_held` experts in RAM."""
-    from profiler.policies import make_policy
+def predict(trace: Trace, machine: Machine, policy: str, experts_held: int, read_ahead: bool = False) -> dict:
+    """Simulated seconds per decode token of the trace under `policy` with `experts_held` experts in RAM
+    (with read_ahead, the engine's reads ahead as the trace recorded them, profiler.policies.ReadAhead)."""
+    from profiler.policies import ReadAhead, make_policy
     from profiler.simulator import simulate
 
     shape = trace.header.model
     times = machine.times(shape, BITS)
     ram = experts_held * shape.expert_bytes(BITS)
-    r = simulate(trace, times, make_policy(policy), 0, ram, BITS)
+    pol = ReadAhead(make_policy(policy)) if read_ahead else make_policy(policy)
+    r = simulate(trace, times, pol, 0, ram, BITS)
     decode = [t for s, t in zip(trace.steps, r.step_times) if s.tokens == 1]
-    return {"policy": policy, "per_token_s": sum(decode) / len(decode), "experts_held": experts_held,
+    return {"policy": pol.name, "per_token_s": sum(decode) / len(decode), "experts_held": experts_held,
             "ram_bytes": ram, "ffn_op": times.cost.ffn_op("cpu", BITS), "hit_rate_all_steps": r.hit_rate("ram"),
             "notes": list(times.notes)}
 
@@ -486,7 +490,7 @@ def run_budget(setup: Setup, share: float, base: dict, moed_budget: str, policie
     for pol in policies:
         r = runs[pol] = setup.run("moed", cap, f"{label}-{pol}", pol, budget)
         sim = SIM_POLICY.get(pol)
-        r["simulator"] = compare(predict(trace, sims["moed"], sim, held) if sim else None, r,
+        r["simulator"] = compare(predict(trace, sims["moed"], sim, held, pol in READ_AHEAD) if sim else None, r,
                                  f"the simulator has no {pol} policy")
     for bits in extra_bits:  # moed's own policy at other bit-widths (the same store: a prefix of each expert)
         r = runs[f"moed {bits}-bit"] = setup.run("moed", cap, f"{label}-moed-{bits}", "moed", budget, bits=bits)

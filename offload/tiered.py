@@ -159,6 +159,7 @@ class TieredExperts:
         # which experts run where, which are copied to the accelerator first, in which order reads are issued
         self.costs = costs if accelerator is not None else None
         self.plans = 0  # layers run by a plan
+        self.on_read_ahead: Callable[[int, list[int]], None] | None = None  # (layer, experts) as reads ahead begin
         self.prefetch_enabled = prefetch
         self.sizes = sizes or ExpertSizes(store, act)
         # stored planes are kept beside the compute form only when asked (to raise an expert's bits
@@ -671,9 +672,10 @@ class LayerExperts:
         with torch.no_grad():
             pred = router(x)
         ranked = torch.bincount(pred.experts.reshape(-1), minlength=p.store.n_experts(nxt))
-        for e in ranked.argsort(descending=True, stable=True).tolist():
-            if ranked[e] == 0:
-                break
+        order = [e for e in ranked.argsort(descending=True, stable=True).tolist() if ranked[e] > 0]
+        if p.on_read_ahead is not None:
+            p.on_read_ahead(nxt, order)
+        for e in order:
             p._prefetch((nxt, e))
 
 

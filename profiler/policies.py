@@ -52,6 +52,38 @@ class Policy:
         return []
 
 
+class ReadAhead(Policy):
+    """Another policy with moed's engine read-ahead in place of its own prefetch: before a MoE layer routes,
+    the experts the engine read ahead for it (a trace's `ahead`, recorded by tiered experts) go on the
+    links in that order, each kept if the policy finds it room (offload.tiered's _prefetch_next, replayed)."""
+
+    def __init__(self, base: Policy) -> None:
+        self.base = base
+        self.name = f"{base.name}+read-ahead"  # type: ignore[misc]  # an instance's, not the class's
+        self.overlap, self.manages_ram = base.overlap, base.manages_ram  # type: ignore[misc]
+
+    def start(self, ctx: SimContext) -> None:
+        self.base.start(ctx)
+
+    def observe(self, step: StepRecord, routing: LayerRouting, ctx: SimContext) -> None:
+        self.base.observe(step, routing, ctx)
+
+    def split(self, layer: int, demand: dict[int, int], ctx: SimContext) -> Split:
+        return self.base.split(layer, demand, ctx)
+
+    def admit(self, tier: str, key: Key, ctx: SimContext, pinned: set[Key]) -> bool:
+        return self.base.admit(tier, key, ctx, pinned)
+
+    def victims(self, tier: str, key: Key, ctx: SimContext, pinned: set[Key]) -> list[Key]:
+        return self.base.victims(tier, key, ctx, pinned)
+
+    def prefetch(self, step: StepRecord, layer: int, ctx: SimContext) -> list[Key]:
+        layers = ctx.shape.moe_layers
+        i = layers.index(layer)
+        nxt = step.layer(layers[i + 1]) if i + 1 < len(layers) else None
+        return [(nxt.layer, e) for e in nxt.ahead or ()] if nxt is not None else []
+
+
 def _whole_layers(ctx: SimContext) -> list[int]:
     """The MoE layers whose experts all fit in the fast tier, taken from the last layer back."""
     n = ctx.res.cap[ctx.fast_tier] // ctx.shape.num_experts if ctx.shape.num_experts else 0

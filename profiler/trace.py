@@ -20,7 +20,9 @@ Then one line per forward step (a prefill chunk or one decode token):
        {"layer": int,
         "experts": [[int] * K] * T,     # the experts each token was routed to, in router order
         "weights": [[float] * K] * T,   # the router weights used to combine them
-        "scores": [[[int, float]] * P] * T}]}   # optional: the P highest router probabilities (expert, p)
+        "scores": [[[int, float]] * P] * T,     # optional: the P highest router probabilities (expert, p)
+        "ahead": [int]}]}                     # optional: the experts moed's engine read ahead for this layer
+                                              # (predicted from the previous MoE layer's input), in read order
 
 Token counts per expert (the "demand" of a layer) follow from `experts`:
 LayerRouting.counts(). `scores` serve score-based caches (HybriMoE's top-p with p = 2k);
@@ -53,6 +55,7 @@ class LayerRouting:
     experts: tuple[tuple[int, ...], ...]  # [T][K]
     weights: tuple[tuple[float, ...], ...]  # [T][K]
     scores: tuple[tuple[tuple[int, float], ...], ...] | None = None  # [T][P] (expert, probability)
+    ahead: tuple[int, ...] | None = None  # the engine's read-ahead for this layer, in order (None: not recorded)
 
     def counts(self) -> dict[int, int]:
         """Tokens routed to each expert that got any, ascending expert id."""
@@ -79,15 +82,18 @@ class LayerRouting:
                              "weights": [[_round(w) for w in r] for r in self.weights]}
         if self.scores is not None:
             d["scores"] = [[[e, _round(p)] for e, p in r] for r in self.scores]
+        if self.ahead is not None:
+            d["ahead"] = list(self.ahead)
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "LayerRouting":
         """Inverse of to_dict."""
-        scores = d.get("scores")
+        scores, ahead = d.get("scores"), d.get("ahead")
         return cls(int(d["layer"]), tuple(tuple(int(e) for e in r) for r in d["experts"]),
                    tuple(tuple(float(w) for w in r) for r in d["weights"]),
-                   None if scores is None else tuple(tuple((int(e), float(p)) for e, p in r) for r in scores))
+                   None if scores is None else tuple(tuple((int(e), float(p)) for e, p in r) for r in scores),
+                   None if ahead is None else tuple(int(e) for e in ahead))
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,7 +250,7 @@ def _checked_step(s: StepRecord, shape: ModelShape) -> StepRecord:
     for r in s.layers:
         if len(r.experts) != s.tokens or len(r.weights) != s.tokens:
             raise ValueError(f"layer {r.layer}: {len(r.experts)} expert rows for {s.tokens} tokens")
-        for row in r.experts:
+        for row in r.experts + ((r.ahead,) if r.ahead else ()):
             if any(not 0 <= e < shape.num_experts for e in row):
                 raise ValueError(f"layer {r.layer}: expert id out of range 0..{shape.num_experts - 1}")
     return s
@@ -267,6 +273,11 @@ class TraceRecorder:
         self._tokens = 0
         self._step = 0
         self._context = 0
+        self._ahead: dict[int, tuple[int, ...]] = {}
+
+    def read_ahead(self, layer: int, experts: list[int]) -> None:
+        """The engine reads these experts of `layer` ahead (before it routes), in this order."""
+        self._ahead[layer] = tuple(experts)
 
     def __call__(self, layer: int, routing: Any) -> None:
         """Record one MoE layer's routing (a daemon.models.moe.Routing)."""
@@ -277,7 +288,8 @@ class TraceRecorder:
             p, idx = routing.logits.float().softmax(dim=-1).topk(min(self.score_top, routing.logits.shape[-1]), dim=-1)
             scores = tuple(tuple(zip(ir, pr)) for ir, pr in zip(idx.tolist(), p.tolist()))
         self._tokens = len(experts)
-        self._layers.append(LayerRouting(layer, tuple(map(tuple, experts)), tuple(map(tuple, weights)), scores))
+        self._layers.append(LayerRouting(layer, tuple(map(tuple, experts)), tuple(map(tuple, weights)), scores,
+                                         self._ahead.pop(layer, None)))
         if layer == self._last_layer:
             self.writer.write(StepRecord(self._step, self._tokens, self._context, tuple(self._layers)))
             self._step += 1
@@ -301,4 +313,6 @@ def record_trace(lm: Any, path: str | os.PathLike) -> TraceRecorder:
         shape = replace(shape, moe_layers=moe)
     rec = TraceRecorder(path, shape, source=str(lm.source))
     lm.model.observe_routing(rec)
+    if hasattr(lm.experts, "on_read_ahead"):  # tiered experts: what they read ahead, too
+        lm.experts.on_read_ahead = rec.read_ahead
     return rec

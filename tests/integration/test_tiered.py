@@ -22,6 +22,7 @@ from offload.provider import StoreExperts
 from offload.routing import Routing
 from offload.store import Store
 from offload.schedule import LayerCosts
+from profiler.trace import read_trace, record_trace
 from offload.tiered import (Accelerator, Budgets, ExpertSizes, OffloadOptions, TieredExperts, parse_amount,
                             tiered_experts)
 from quant.kernels import PreparedExpert, available_backends, fast_cpu_backend, get_backend
@@ -203,12 +204,28 @@ def test_auto_bits_picks_the_most_that_fit(store_dir):
     small.close()
 
 
-def test_prefetch_reads_the_next_layer_ahead(store_dir):
+def test_prefetch_reads_the_next_layer_ahead_and_a_trace_records_it(store_dir, tmp_path):
     lm = load_model(store_dir, offload=OffloadOptions(bits=8, ram_budget="50%", prefetch=True))
+    rec = record_trace(lm, tmp_path / "t.jsonl")
     greedy(lm, 8)
+    rec.close()
     p = lm.experts
     assert p.routers and p.link_views()[0].transfers > p.stats["ram"].misses  # misses + reads ahead
     p.close()
+    trace = read_trace(tmp_path / "t.jsonl")  # what the engine read ahead, for the simulator to replay
+    first, *later = trace.header.model.moe_layers
+    for s in trace.steps:
+        assert s.layer(first).ahead is None  # nothing is read ahead of the first MoE layer
+        for layer in later:
+            ahead = s.layer(layer).ahead
+            assert ahead and len(set(ahead)) == len(ahead) and all(0 <= e < store_dir_experts(store_dir) for e in ahead)
+    hits = sum(len(set(s.layer(layer).ahead) & set(s.layer(layer).counts())) for s in trace.steps for layer in later)
+    assert hits > 0  # the predictions name experts the layer then used
+
+
+def store_dir_experts(path) -> int:
+    store = Store(path)
+    return store.n_experts(store.layers[0])
 
 
 def run_cli(*args: str, env=None) -> subprocess.CompletedProcess:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
 from profiler.machine import load_machine, machine_names
-from profiler.policies import HybriMoE, Policy, make_policy, policy_names
+from profiler.policies import HybriMoE, Policy, ReadAhead, make_policy, policy_names
 from profiler.shapes import ModelShape
 from profiler.simulator import LinearTimes, Split, best_split, lower_bound, simulate
 from profiler.synthetic import SyntheticParams, synthetic_trace
@@ -223,3 +224,28 @@ def test_a_bad_split_is_refused():
 
     with pytest.raises(ValueError, match="split experts"):
         simulate(hand_trace(), GPU, Bad(), ALL, ALL)
+
+
+def with_ahead(trace: Trace, pick) -> Trace:
+    """The trace with layer 1's `ahead` set to pick(step, layer 1's expert) (the engine's read-ahead)."""
+    steps = []
+    for s in trace.steps:
+        l0, l1 = s.layers
+        steps.append(replace(s, layers=(l0, replace(l1, ahead=pick(s.step, l1.experts[0][0])))))
+    return replace(trace, steps=tuple(steps))
+
+
+def test_read_ahead_replays_the_engines_reads_in_place_of_the_policys_prefetch():
+    """ReadAhead(lru): before layer 1 routes, the experts the trace says the engine read ahead go on the
+    link; without recorded reads it is plain LRU."""
+    plain = run("lru", vram=4 * EB)
+    same = simulate(hand_trace(), GPU, ReadAhead(make_policy("lru")), 4 * EB, ALL, bits=16)
+    assert (same.time_s, same.found, same.prefetched) == (plain.time_s, plain.found, 0)
+    assert same.policy == "lru+read-ahead"
+    right = simulate(with_ahead(hand_trace(), lambda s, e: (e,)), GPU, ReadAhead(make_policy("lru")),
+                     4 * EB, ALL, bits=16)
+    assert right.prefetched > 0 and right.prefetch_used == right.prefetched  # every read ahead was used
+    assert right.hit_rate("vram") > plain.hit_rate("vram") and right.time_s < plain.time_s
+    wrong = simulate(with_ahead(hand_trace(), lambda s, e: ((e + 1) % 4,)), GPU, ReadAhead(make_policy("lru")),
+                     4 * EB, ALL, bits=16)
+    assert wrong.prefetch_used == 0 and wrong.link_bytes["ram->vram"] > plain.link_bytes["ram->vram"]

@@ -71,6 +71,13 @@ def test_counts_and_scores():
     assert no_scores.expert_scores(4) == pytest.approx({1: 0.6, 2: 0.4})
 
 
+def test_read_ahead_round_trips_and_is_optional():
+    r = LayerRouting(3, ((1, 2),), ((0.6, 0.4),), ahead=(2, 0, 5))
+    assert LayerRouting.from_dict(r.to_dict()) == r and r.to_dict()["ahead"] == [2, 0, 5]
+    plain = LayerRouting(3, ((1, 2),), ((0.6, 0.4),))
+    assert "ahead" not in plain.to_dict() and LayerRouting.from_dict(plain.to_dict()).ahead is None
+
+
 def test_bad_files_are_named_errors(tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_text(json.dumps({"format": "something-else"}) + "\n")
@@ -81,6 +88,10 @@ def test_bad_files_are_named_errors(tmp_path):
     with pytest.raises(FormatError, match="unsupported trace version"):
         read_trace(p)
     step = StepRecord(0, 1, 0, (LayerRouting(0, ((99, 1),), ((0.5, 0.5),)),)).to_dict()
+    p.write_text(json.dumps(head) + "\n" + json.dumps(step) + "\n")
+    with pytest.raises(FormatError, match="line 2.*out of range"):
+        read_trace(p)
+    step = StepRecord(0, 1, 0, (LayerRouting(0, ((0, 1),), ((0.5, 0.5),), ahead=(1, 99)),)).to_dict()
     p.write_text(json.dumps(head) + "\n" + json.dumps(step) + "\n")
     with pytest.raises(FormatError, match="line 2.*out of range"):
         read_trace(p)
