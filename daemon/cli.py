@@ -31,8 +31,9 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
     """--bits, --ram-budget, --vram-budget, --policy (for generate and serve)."""
     p.add_argument("--bits", metavar="R", help="routed experts at R bits: 1-8 or auto (the most that fit "
                    "--ram-budget); a model that is not a moed store is converted to one on first use")
-    p.add_argument("--ram-budget", metavar="SIZE", help="RAM for experts: bytes (512MiB, 2G) or a percentage of "
-                   "the experts' 8-bit bytes (25%%); the rest is read from flash when used")
+    p.add_argument("--ram-budget", metavar="SIZE", help="RAM for experts: bytes (512MiB, 2G), a percentage of "
+                   "the experts' 8-bit bytes (25%%) or of the memory free once the rest of the model is loaded "
+                   "(80%%free, within any cgroup limit); the rest is read from flash when used")
     p.add_argument("--vram-budget", metavar="SIZE", help="GPU memory for experts, same forms (needs a GPU)")
     p.add_argument("--policy", choices=tuple(CACHE_POLICIES), help="expert cache policy (default moed)")
     p.add_argument("--dense-bits", type=int, choices=(8,), help="hold the dense weights (attention, shared and "

@@ -46,7 +46,7 @@ class Config:
     models_dir: str | None = None  # where ListModels looks; None: $MOED_HOME/models
     log_level: str = "info"
     bits: str | None = None  # routed experts' bit-width, 1-8 or "auto"; None: 8 (stores) / as stored
-    ram_budget: str | None = None  # experts' RAM: bytes (512MiB, 2G) or a percentage of their 8-bit bytes
+    ram_budget: str | None = None  # experts' RAM: bytes (512MiB, 2G), % of their 8-bit bytes, or N%free
     vram_budget: str | None = None  # experts' VRAM (GPU), same forms; None: no GPU expert tier
     policy: str = "moed"  # expert cache policy: lru, lfu, score (HybriMoE) or moed
     dense_bits: int | None = None  # 8: attention, shared/dense MLPs, lm_head and embedding at 8 bits; None: as stored

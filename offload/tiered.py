@@ -32,6 +32,8 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -729,40 +731,90 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
 AUTO_BITS = (8, 6, 5, 4)
 
 
-def parse_amount(spec: str | int | float | None, what: str = "budget") -> tuple[int | None, float | None]:
-    """(bytes, None) from 123, "512MiB", "2G"; (None, share) from "25%"; (None, None) from None."""
+class Amount(NamedTuple):
+    """A budget as given: bytes, a share of the experts' bytes, or a share of the memory free when the tier
+    is made (at most one is set; none: no limit)."""
+
+    nbytes: int | None = None
+    share: float | None = None
+    free: float | None = None
+
+
+def parse_amount(spec: str | int | float | None, what: str = "budget") -> Amount:
+    """Amount(bytes) from 123, "512MiB", "2G"; Amount(share=) from "25%" (of every expert's bytes at 8 bits);
+    Amount(free=) from "80%free" (of the memory free when the tier is made, see free_ram_bytes); Amount()
+    from None."""
     if spec is None:
-        return None, None
+        return Amount()
     if isinstance(spec, bool):
         raise ValueError(f"{what}: expected bytes or a percentage, got {spec!r}")
     if isinstance(spec, (int, float)):
         if spec < 0:
             raise ValueError(f"{what} must not be negative (got {spec})")
-        return int(spec), None
+        return Amount(int(spec))
     text = spec.strip().lower().replace(" ", "")
     try:
-        if text.endswith("%"):
-            share = float(text[:-1]) / 100
-            if not 0 < share <= 10:
-                raise ValueError
-            return None, share
+        for suffix, field in (("%free", "free"), ("%", "share")):
+            if text.endswith(suffix):
+                share = float(text[:-len(suffix)]) / 100
+                if not 0 < share <= (1 if field == "free" else 10):
+                    raise ValueError
+                return Amount(**{field: share})
         num = text.rstrip("abcdefghijklmnopqrstuvwxyz")
         unit = _UNITS[text[len(num):]]
         value = float(num) * unit
         if value < 0 or value != value:
             raise ValueError
-        return int(value), None
+        return Amount(int(value))
     except (KeyError, ValueError):
-        raise ValueError(f"{what}: expected bytes (e.g. 512MiB, 2G) or a percentage of the experts' "
-                         f"bytes (e.g. 25%), got {spec!r}") from None
+        raise ValueError(f"{what}: expected bytes (e.g. 512MiB, 2G), a percentage of the experts' bytes (e.g. "
+                         f"25%) or of the free memory (e.g. 80%free), got {spec!r}") from None
+
+
+def free_ram_bytes() -> int:
+    """Memory this process could still take: the system's available memory, or less if a cgroup memory
+    limit leaves less (its limit minus what the group holds, file pages it can drop not counted)."""
+    import psutil
+
+    free = psutil.virtual_memory().available
+    group = _cgroup_room()
+    return min(free, group) if group is not None else free
+
+
+def _cgroup_room() -> int | None:
+    """Room left under this process's cgroup memory limit (v2 or v1), None without one."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2
+            base, names = Path("/sys/fs/cgroup") / path.lstrip("/"), ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):  # v1
+            base = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+            names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        try:
+            limit = (base / names[0]).read_text().strip()
+            if limit == "max" or int(limit) >= 1 << 60:
+                continue
+            stat = dict(ln.split() for ln in (base / "memory.stat").read_text().splitlines() if " " in ln)
+            used = int((base / names[1]).read_text()) - int(stat.get(names[2], 0))
+        except (OSError, ValueError):
+            continue
+        return max(0, int(limit) - used)
+    return None
 
 
 @dataclass(frozen=True, slots=True)
 class OffloadOptions:
     """How a store's experts are held: bits (1-8 or 'auto'), budgets, cache policy, accelerator.
 
-    Budgets are bytes or a percentage of what all routed experts hold in RAM at 8 bits; None: no
-    limit (RAM) or no accelerator tier (VRAM). 'auto' bits: the most of 8, 6, 5, 4 at which every
+    Budgets are bytes, a percentage of what all routed experts hold in RAM at 8 bits ("25%"), or a
+    percentage of the memory free when the tier is made ("80%free": free_ram_bytes, or the GPU's free
+    memory); None: no limit (RAM) or no accelerator tier (VRAM). 'auto' bits: the most of 8, 6, 5, 4 at which every
     expert fits the RAM budget (4 when none does: streamed from flash at 4 bits; see AUTO_BITS).
     accelerator: None (CUDA when there is a GPU and a VRAM budget), 'cuda' or 'emulated'.
     """
@@ -813,26 +865,32 @@ def tiered_experts(store: Store, options: OffloadOptions, kernel: str = "referen
     backend = get_backend(kernel)
     n_total = sum(store.n_experts(layer) for layer in store.layers)
     sizes = ExpertSizes(store, act)
-    ram_bytes, ram_share = parse_amount(options.ram_budget, "RAM budget")
+    ram = parse_amount(options.ram_budget, "RAM budget")
+    free = int(ram.free * free_ram_bytes()) if ram.free is not None else None  # measured now, once
 
     def ram_at(bits: int) -> int | None:
-        if ram_share is not None:  # a share of every expert's bytes at the stored 8 bits
-            return int(ram_share * sizes.ram(backend, PLANES, False) * n_total)
-        return ram_bytes
+        if ram.share is not None:  # a share of every expert's bytes at the stored 8 bits
+            return int(ram.share * sizes.ram(backend, PLANES, False) * n_total)
+        return free if free is not None else ram.nbytes
 
     bits = options.bits
     if bits == "auto":
         fits = [b for b in AUTO_BITS if ram_at(b) is None or ram_at(b) >= sizes.ram(backend, b, False) * n_total]
         bits = fits[0] if fits else 4
     accel = None
-    vram_bytes, vram_share = parse_amount(options.vram_budget, "VRAM budget")
+    vram = parse_amount(options.vram_budget, "VRAM budget")
+    vram_bytes = vram.nbytes
     kind = options.accelerator
-    if kind is None and (vram_bytes or vram_share) and torch.cuda.is_available():
+    if kind is None and (vram_bytes or vram.share or vram.free) and torch.cuda.is_available():
         kind = "cuda"
     if kind is not None:
         accel = Accelerator.create(kind, backend)
-        if vram_share is not None:
-            vram_bytes = int(vram_share * sizes.form(accel.backend, PLANES) * n_total)
+        if vram.share is not None:
+            vram_bytes = int(vram.share * sizes.form(accel.backend, PLANES) * n_total)
+        elif vram.free is not None:
+            if kind != "cuda":
+                raise ValueError("a VRAM budget of free memory needs a CUDA accelerator to measure")
+            vram_bytes = int(vram.free * torch.cuda.mem_get_info()[0])
     if accel is not None and callable(costs):
         costs = costs(bits)
     provider = TieredExperts(store, bits, backend, act, Budgets(ram_at(bits), vram_bytes or 0), options.policy,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
 import time
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,7 +25,7 @@ from offload.routing import Routing
 from offload.store import Store
 from offload.schedule import LayerCosts
 from profiler.trace import read_trace, record_trace
-from offload.tiered import (Accelerator, Budgets, ExpertSizes, OffloadOptions, TieredExperts, parse_amount,
+from offload.tiered import (Accelerator, Amount, Budgets, ExpertSizes, OffloadOptions, TieredExperts, parse_amount,
                             tiered_experts)
 from quant.kernels import PreparedExpert, available_backends, fast_cpu_backend, get_backend
 from quant.kernels.onnx import OnnxRuntime
@@ -99,13 +101,14 @@ def test_budget_smaller_than_one_expert_is_a_clear_error(store_dir):
         load_model(store_dir, offload=OffloadOptions(ram_budget=1000))
 
 
-@pytest.mark.parametrize("spec,want", [("512MiB", (512 << 20, None)), ("2G", (2 * 10**9, None)),
-                                       ("25%", (None, 0.25)), (4096, (4096, None)), (None, (None, None))])
+@pytest.mark.parametrize("spec,want", [("512MiB", Amount(512 << 20)), ("2G", Amount(2 * 10**9)),
+                                       ("25%", Amount(share=0.25)), (4096, Amount(4096)), (None, Amount()),
+                                       ("80%free", Amount(free=0.8)), (" 50 % free", Amount(free=0.5))])
 def test_parse_amount(spec, want):
     assert parse_amount(spec) == want
 
 
-@pytest.mark.parametrize("spec", ["lots", "-5", "0%", "12XB", True])
+@pytest.mark.parametrize("spec", ["lots", "-5", "0%", "12XB", True, "150%free", "0%free", "free"])
 def test_parse_amount_rejects(spec):
     with pytest.raises(ValueError, match="expected bytes"):
         parse_amount(spec)
@@ -319,3 +322,40 @@ def test_a_streamed_experts_form_is_freed_once_it_has_run(store_dir):
     assert torch.equal(got, StoreExperts(store, 8, other).experts(layer)(x, r))
     for b in (p, backend, other):
         b.close()
+
+
+def test_a_free_memory_budget_is_a_share_of_what_is_free_when_the_tier_is_made(store_dir, monkeypatch):
+    import offload.tiered as tiered
+
+    monkeypatch.setattr(tiered, "free_ram_bytes", lambda: 40 << 20)
+    p = tiered_experts(Store(store_dir), OffloadOptions(bits=8, ram_budget="50%free"))
+    assert p.tiers["ram"].capacity == 20 << 20
+    p.close()
+
+
+def test_free_ram_is_what_the_system_has_or_a_cgroup_limit_leaves(tmp_path):
+    import psutil
+
+    from offload.tiered import free_ram_bytes
+    free = free_ram_bytes()
+    assert 0 < free <= psutil.virtual_memory().total
+    group = Path("/sys/fs/cgroup/memory") / f"moed-test-{os.getpid()}"
+    try:
+        group.mkdir()
+        (group / "memory.limit_in_bytes").write_text(str(600 << 20))
+    except OSError:
+        pytest.skip("no writable cgroup v1 memory controller here")
+    try:
+        code = "from offload.tiered import free_ram_bytes; print(free_ram_bytes())"
+        r = subprocess.run(["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$0" -c "$1"', sys.executable, code],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        inside = int(r.stdout.strip())
+        assert 0 < inside < 600 << 20  # the limit, less what the process already holds
+    finally:
+        for _ in range(50):
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
