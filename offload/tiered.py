@@ -25,7 +25,6 @@ GPU; on a machine without one, tests emulate it on the CPU with a budget and wor
 from __future__ import annotations
 
 import ctypes
-import functools
 import threading
 import time
 from collections import deque
@@ -557,6 +556,12 @@ class LayerExperts:
                         copies.append(e)
                 ram = [e for e in ram if e not in staged]
         unpinned: set[int] = set()
+        done: dict[int, torch.Tensor | Future] = {}  # expert -> its output, or the future of it
+        after: list[_Once] = []  # what follows each expert's use (keep or free it, unpin), run once each
+
+        def then(f: Future, fn, *args) -> None:
+            after.append(_Once(fn, *args))
+            f.add_done_callback(after[-1])
 
         def unpin(e: int) -> None:  # once per expert, whichever comes first: its use ending or an error
             with p._cv:
@@ -572,7 +577,6 @@ class LayerExperts:
 
             fetches = {e: p._io.submit(_after, p._inflight.get((layer, e)), p._fetch, (layer, e), bits)
                        for e in reads}
-            done: dict[int, torch.Tensor | Future] = {}
             for e in accel:
                 done[e] = p.accel.ffn(inp(e), held[e].form)
                 done[e].add_done_callback(lambda _f, e=e: unpin(e))
@@ -580,18 +584,19 @@ class LayerExperts:
                 src = fetches.pop(e) if e in fetches else held[e]
                 copy = p.accel.copy.submit(p._stage, (layer, e), src, staged[e])
                 done[e] = p.accel.after(copy, inp(e))
-                done[e].add_done_callback(_Once(self._staged_used, e, copy, src, staged[e], unpin))
+                then(done[e], self._staged_used, e, copy, src, staged[e], unpin)
             self._prefetch_next(x)
             cpu, t_cpu = p.backend, time.perf_counter()
 
-            def run(e: int, form: PreparedExpert, then) -> None:
-                """Expert e on the CPU, then `then()`: side by side on the backend's workers if it has them."""
+            def run(e: int, form: PreparedExpert, *following) -> None:
+                """Expert e on the CPU, then following[0](*following[1:]): side by side on the backend's workers
+                if it has them."""
                 if cpu.concurrent:
                     done[e] = cpu.pool.submit(cpu.ffn, inp(e), form)
-                    done[e].add_done_callback(_Once(then))
+                    then(done[e], *following)
                 else:
                     done[e] = cpu.ffn(inp(e), form)
-                    then()
+                    following[0](*following[1:])
 
             def keep(e: int, h: Held) -> None:
                 if p._keep((layer, e), h):
@@ -615,7 +620,7 @@ class LayerExperts:
                 ready, _ = wait(list(fetches.values()), return_when=FIRST_COMPLETED)
                 for e in [e for e, f in fetches.items() if f in ready]:
                     h = fetches.pop(e).result()
-                    run(e, h.form, functools.partial(keep, e, h))
+                    run(e, h.form, keep, e, h)
                 h = None  # (each streamed expert's form is freed once it has run and is not kept)
             for part in parts:
                 ran.update(part.result() if isinstance(part, Future) else part)
@@ -628,6 +633,10 @@ class LayerExperts:
                                   (time.perf_counter() - t_cpu) / len(ram)))
             return out
         finally:
+            # nothing of this layer runs on after it: every computation ends, and what follows each has run
+            wait([f for f in done.values() if isinstance(f, Future)])
+            for follow in after:
+                follow()
             for e, f in fetches.items() if "fetches" in locals() else ():  # after an error: settle the reads
                 try:
                     p._keep((layer, e), f.result())
@@ -635,6 +644,12 @@ class LayerExperts:
                     pass
             for e in ram:
                 unpin(e)
+            for e in staged:  # a planned copy never submitted (an error came first): its room and pin go back
+                if e not in done:
+                    with p._cv:
+                        p._release("vram", (layer, e), staged[e])
+                    if e in held:
+                        unpin(e)
 
     def _plan(self, counts: dict[int, int], accel: list[int], ram: list[int], held: dict[int, Held]):
         """The scheduler's plan for this layer's demand, from where each expert is held (lock held)."""
@@ -682,16 +697,19 @@ class LayerExperts:
 
 
 class _Once:
-    """A future's done-callback that calls fn(*args) once and then lets go of them: a future keeps its
-    callbacks, and one holding a streamed expert's form would keep it alive after its room is freed."""
+    """A future's done-callback that calls fn(*args) once, whoever calls first (the future's thread, or the
+    layer settling its work), and then lets go of them: a future keeps its callbacks, and one holding a
+    streamed expert's form would keep it alive after its room is freed."""
 
     def __init__(self, fn, *args) -> None:
         self.call: tuple | None = (fn, args)
+        self.lock = threading.Lock()
 
     def __call__(self, _future=None) -> None:
-        call, self.call = self.call, None
-        if call is not None:
-            call[0](*call[1])
+        with self.lock:
+            call, self.call = self.call, None
+            if call is not None:
+                call[0](*call[1])
 
 
 def _shares(experts: list[int], counts: dict[int, int], n: int) -> list[list[int]]:

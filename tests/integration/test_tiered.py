@@ -359,3 +359,31 @@ def test_free_ram_is_what_the_system_has_or_a_cgroup_limit_leaves(tmp_path):
                 break
             except OSError:
                 time.sleep(0.1)
+
+
+def test_a_failed_planned_copy_frees_its_room_and_the_next_call_serves(store_dir):
+    store = Store(store_dir)
+    backend = get_backend("reference")
+    layer, n = store.layers[0], store.n_experts(store.layers[0])
+    one = ExpertSizes(store).ram(backend, 8, True)
+    costs = LayerCosts.linear((1e-3, 1e-3), (1e-6, 0.0), (1e-7, 0.0), (1e-3, 0.0), sum(a * b for a, b in store.layout.shapes))
+    accel = Accelerator.create("emulated", backend)
+    p = TieredExperts(store, 8, backend, budgets=Budgets(ram=2 * n * len(store.layers) * one, vram=n * one),
+                      accelerator=accel, prefetch=False, costs=costs)
+    p.preload()
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(4, store.layout.shapes[0][1], generator=gen)
+    r = routing_for(gen, 4, n, 2)
+    real = accel.backend.prepare_expert
+
+    def broken(views, act):
+        raise RuntimeError("device lost")
+
+    accel.backend.prepare_expert = broken
+    with pytest.raises(RuntimeError, match="device lost"):
+        p.experts(layer)(x, r)
+    assert p.tiers["vram"].used == 0 and not p._pinned and not p.resident("vram")
+    accel.backend.prepare_expert = real
+    assert torch.equal(p.experts(layer)(x, r), StoreExperts(store, 8).experts(layer)(x, r))
+    assert p.resident("vram") and not p._pinned
+    p.close()
