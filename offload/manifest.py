@@ -20,9 +20,9 @@ TOKENIZER = "tokenizer.json"
 MAX_MANIFEST_BYTES = 256 << 20
 
 
-def checksum(buf) -> str:
-    """The store's checksum of a buffer (crc32, 8 hex digits)."""
-    return f"{zlib.crc32(buf) & 0xFFFFFFFF:08x}"
+def checksum(buf, running: int = 0) -> str:
+    """The store's checksum of a buffer (crc32, 8 hex digits); `running`: the crc32 of what came before it."""
+    return f"{zlib.crc32(buf, running) & 0xFFFFFFFF:08x}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,11 +3,10 @@ experts read by prefix (one aligned read per request) and verified section by se
 
 from __future__ import annotations
 
-from collections import Counter
-
 import json
 import struct
 import zlib
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -198,10 +197,7 @@ class Store:
 
     @staticmethod
     def _verify(buf, offset: int, length: int, want: str, name: str, path: Path, file_offset: int) -> None:
-        got = checksum(memoryview(buf)[offset:offset + length])
-        if got != want:
-            raise FormatError(f"{name} (offset {file_offset}, length {length}): checksum mismatch "
-                              f"(crc32 {got}, manifest {want})", path)
+        _compare(checksum(memoryview(buf)[offset:offset + length]), want, name, path, file_offset, length)
 
     def close(self) -> None:
         """Close the experts file."""
@@ -272,23 +268,21 @@ class DenseReader:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
-    def rows(self, name: str) -> "TensorRows | None":
+    def rows(self, name: str, verify_now: bool = True) -> "TensorRows | None":
         """A matrix whose rows are read from the file when looked up (an embedding table a model need not
-        hold): its extent is verified now, a chunk at a time, and nothing of it is kept. None if absent."""
+        hold), None if absent. Its extent is verified now, a block at a time with nothing of it kept, or (not
+        verify_now, for a caller that reads it once in blocks, in order) as those blocks are read."""
         got = self._tensors.get(name)
         if got is None:
             return None
         e, dtype, shape = got
         if len(shape) != 2 or not e.length:
             raise FormatError(f"tensor {name} has shape {shape}: rows need a non-empty matrix", self.path)
-        crc = 0
-        for at in range(0, e.length, ROWS_CHUNK):
-            crc = zlib.crc32(self._reader.read(e.offset + at, min(ROWS_CHUNK, e.length - at)), crc)
-        if f"{crc & 0xFFFFFFFF:08x}" != e.checksum:
-            raise FormatError(f"extent {name} (offset {e.offset}, length {e.length}): checksum mismatch "
-                              f"(crc32 {crc & 0xFFFFFFFF:08x}, manifest {e.checksum})", self.path)
-        self._unread.discard(name)
-        return TensorRows(CountingReader(self.path, direct=False), e.offset, dtype, (shape[0], shape[1]))
+        rows = TensorRows(CountingReader(self.path, direct=False), e, dtype, (shape[0], shape[1]), self.path)
+        if verify_now:
+            rows.verify()
+        self._unread.discard(name)  # (verified now, or as its blocks are read)
+        return rows
 
     def check_unread(self) -> None:
         """Verify every extent no tensor() call has read (unused tensors, gaps between them)."""
@@ -308,21 +302,43 @@ class DenseReader:
 
 
 class TensorRows:
-    """Rows of a verified matrix in a file, each read with a positioned read when asked for."""
+    """Rows of a matrix in a file, each read with a positioned read when asked for. Until its checksum has
+    been checked (verify(), or block() reading every row in order, the last block raising on a mismatch)
+    rows are read in order only."""
 
-    def __init__(self, reader: CountingReader, offset: int, dtype: torch.dtype, shape: tuple[int, int]) -> None:
-        self.reader, self.offset, self.dtype, self.shape = reader, offset, dtype, shape
+    def __init__(self, reader: CountingReader, extent: Extent, dtype: torch.dtype, shape: tuple[int, int],
+                 path: Path) -> None:
+        self.reader, self.extent, self.dtype, self.shape, self.path = reader, extent, dtype, shape, path
+        self.offset = extent.offset
         self.row_bytes = shape[1] * dtype.itemsize
+        self._crc: int | None = 0  # crc32 of rows 0.._next-1 until the whole matrix is checked, then None
+        self._next = 0
+
+    def verify(self) -> None:
+        """Read the whole matrix, a chunk of rows at a time, and check its checksum (FormatError)."""
+        step = max(1, ROWS_CHUNK // self.row_bytes)
+        for a in range(self._next, self.shape[0], step):
+            self.block(a, min(self.shape[0], a + step))
 
     def block(self, a: int, b: int) -> torch.Tensor:
         """Rows a..b-1 with one read, [b - a, columns]."""
         if not 0 <= a < b <= self.shape[0]:
             raise IndexError(f"rows {a}..{b - 1} are not within 0..{self.shape[0] - 1}")
+        if self._crc is not None and a != self._next:
+            raise ValueError(f"rows of a matrix not yet verified are read in order (asked {a}, next {self._next})")
         buf = self.reader.read(self.offset + a * self.row_bytes, (b - a) * self.row_bytes)
+        if self._crc is not None:
+            self._crc, self._next = zlib.crc32(buf, self._crc), b
+            if b == self.shape[0]:
+                e = self.extent
+                _compare(checksum(b"", self._crc), e.checksum, f"extent {e.name}", self.path, e.offset, e.length)
+                self._crc = None
         return torch.frombuffer(buf, dtype=self.dtype).reshape(b - a, self.shape[1])
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows ids (any shape of int64 within range) -> [*ids.shape, columns]."""
+        if self._crc is not None:
+            raise ValueError("rows are looked up once the matrix is verified (verify())")
         flat = ids.reshape(-1).tolist()
         if flat and not 0 <= min(flat) <= max(flat) < self.shape[0]:
             raise IndexError(f"row ids must be in 0..{self.shape[0] - 1}")
@@ -334,6 +350,13 @@ class TensorRows:
 
     def close(self) -> None:
         self.reader.close()
+
+
+def _compare(got: str, want: str, name: str, path: Path, offset: int, length: int) -> None:
+    """FormatError naming the extent if a checksum is not the manifest's."""
+    if got != want:
+        raise FormatError(f"{name} (offset {offset}, length {length}): checksum mismatch "
+                          f"(crc32 {got}, manifest {want})", path)
 
 
 def dense_extents(path: Path) -> tuple[Extent, ...]:

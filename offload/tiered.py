@@ -355,23 +355,27 @@ class TieredExperts:
             self._cv.notify_all()
         return Held(bits, sections, form, (self.raw_bytes(bits) if sections else 0) + form.nbytes)
 
-    def _keep(self, key: Key, held: Held, force: bool = False) -> bool:
-        """After a fetched expert's use: keep it in RAM if the policy admits it, else free it (lock taken)."""
+    def _keep(self, key: Key, held: Held | None, force: bool = False, tier: str = "ram") -> bool:
+        """After a fetched (or, in "vram", copied) expert's use: keep it in the tier if the policy admits it,
+        else free its room; None (its read or copy failed) only frees the room (lock taken)."""
         with self._cv:
-            t = self.tiers["ram"]
+            t = self.tiers[tier]
             t.remove(key)  # its reservation; re-added below if kept
-            self._held["ram"].pop(key, None)
-            pinned = [k for k in self._pinned if k != key] + [k for k in self._busy if k != key]
-            victims = [] if force and t.free() >= held.nbytes else self.policy.victims(key, held.nbytes, t, pinned)
-            kept = victims is not None and all(v in self._held["ram"] for v in victims)
+            self._held[tier].pop(key, None)
+            kept = held is not None
+            if kept:
+                pinned = [k for k in self._pinned if k != key] + [k for k in self._busy if k != key]
+                victims = [] if force and t.free() >= held.nbytes else self.policy.victims(key, held.nbytes, t,
+                                                                                             pinned)
+                kept = victims is not None and all(v in self._held[tier] for v in victims)
             if kept:
                 for v in victims:
-                    self._evict("ram", v)
+                    self._evict(tier, v)
                 kept = t.free() >= held.nbytes
             if kept:
                 t.add(key, held.nbytes)
-                self._held["ram"][key] = held
-                self.stats["ram"].peak = max(self.stats["ram"].peak, t.used)
+                self._held[tier][key] = held
+                self.stats[tier].peak = max(self.stats[tier].peak, t.used)
             self._cv.notify_all()
             return kept
 
@@ -394,17 +398,9 @@ class TieredExperts:
             self._reserve("vram", key, nbytes, evict=False)
 
         def copy() -> None:
+            copied = self._stage(held, nbytes)
             with self._cv:
-                self._link_begin("ram->vram")
-            try:
-                form = self.accel.backend.prepare_expert(self.store.views(held.sections, held.bits), self.act)
-            except BaseException:
-                with self._cv:
-                    self._moved("ram->vram", 0)
-                raise
-            with self._cv:
-                self._moved("ram->vram", form.nbytes)
-                self._held["vram"][key] = Held(held.bits, [], form, nbytes)
+                self._held["vram"][key] = copied
                 self._cv.notify_all()
 
         self.accel.copy.submit(copy)
@@ -417,8 +413,9 @@ class TieredExperts:
             return None
         return nbytes if self._reserve("vram", key, nbytes, evict=True, wait=False) else None
 
-    def _stage(self, key: Key, src: "Held | Future", nbytes: int) -> Held:
-        """On the copy worker: the accelerator's form of an expert held in RAM (or being read into it)."""
+    def _stage(self, src: "Held | Future", nbytes: int) -> Held:
+        """On the copy worker: the accelerator's form of an expert held in RAM (or being read into it), a
+        transfer over the ram->vram link."""
         held = src.result() if isinstance(src, Future) else src
         with self._cv:
             self._link_begin("ram->vram")
@@ -429,23 +426,6 @@ class TieredExperts:
             with self._cv:
                 self._moved("ram->vram", form.nbytes if form is not None else 0)
         return Held(held.bits, [], form, nbytes)
-
-    def _staged_done(self, key: Key, staged: "Future", nbytes: int) -> None:
-        """After a planned copy's use: keep it in the accelerator tier if the policy admits it, else free
-        its room (also when the copy failed)."""
-        with self._cv:
-            t = self.tiers["vram"]
-            held = None if staged.exception() is not None else staged.result()
-            t.remove(key)
-            victims = None if held is None else self.policy.victims(key, nbytes, t, list(self._pinned))
-            if victims is not None and all(v in self._held["vram"] for v in victims):
-                for v in victims:
-                    self._evict("vram", v)
-                if t.free() >= nbytes:
-                    t.add(key, nbytes)
-                    self._held["vram"][key] = held
-                    self.stats["vram"].peak = max(self.stats["vram"].peak, t.used)
-            self._cv.notify_all()
 
     def _prefetch(self, key: Key) -> None:
         """Read an expert ahead into free room, or over experts the policy ranks lower; never waits."""
@@ -582,9 +562,9 @@ class LayerExperts:
                 done[e].add_done_callback(lambda _f, e=e: unpin(e))
             for e in copies:  # planned copies (after their reads), then their use on the accelerator
                 src = fetches.pop(e) if e in fetches else held[e]
-                copy = p.accel.copy.submit(p._stage, (layer, e), src, staged[e])
+                copy = p.accel.copy.submit(p._stage, src, staged[e])
                 done[e] = p.accel.after(copy, inp(e))
-                then(done[e], self._staged_used, e, copy, src, staged[e], unpin)
+                then(done[e], self._staged_used, e, copy, src, unpin)
             self._prefetch_next(x)
             cpu, t_cpu = p.backend, time.perf_counter()
 
@@ -663,11 +643,11 @@ class LayerExperts:
             residency[e]["ram"] = held[e].bits
         return schedule(counts, residency, p.bits, p.costs)
 
-    def _staged_used(self, e: int, copy: Future, src: "Held | Future", nbytes: int, unpin) -> None:
+    def _staged_used(self, e: int, copy: Future, src: "Held | Future", unpin) -> None:
         """A planned copy has been used (or failed): the accelerator keeps it or frees it; an expert read for
         it is kept in RAM if the policy admits it, and one that was held there is unpinned."""
         key = (self.layer, e)
-        self.p._staged_done(key, copy, nbytes)
+        self.p._keep(key, None if copy.exception() is not None else copy.result(), tier="vram")
         if isinstance(src, Future):
             if src.exception() is None:
                 self.p._keep(key, src.result())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -18,11 +19,11 @@ from daemon.models import architecture
 from daemon.models.args import ModelArgs
 from daemon.models.moe import ExpertProvider, ExpertWeights, InMemoryExperts
 from daemon.models.qdense import RowsEmbedding, quantize_dense
-from quant.kernels import fast_cpu_backend, get_backend
 from daemon.models.transformer import CausalLM
 from daemon.tokenizer import Tokenizer
 from offload.manifest import MANIFEST
 from offload.tiered import OffloadOptions, return_freed_memory
+from quant.kernels import fast_cpu_backend, get_backend
 
 
 @dataclass(slots=True)
@@ -116,16 +117,18 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, bits
     def fetch(name: str) -> torch.Tensor:
         return checked_tensor(ckpt, source(name), shapes[name], renames)
 
-    def rows(name: str):
-        """A store's matrix, verified now, its rows read when asked for (offload.store.TensorRows)."""
-        return checked_tensor(ckpt, source(name), shapes[name], renames, ckpt.rows)
+    def rows(name: str, verify_now: bool = True):
+        """A store's matrix, its rows read when asked for (offload.store.TensorRows): verified now, or as
+        quantize_dense reads it in blocks, in order (the file is read once)."""
+        return checked_tensor(ckpt, source(name), shapes[name], renames, lambda n: ckpt.rows(n, verify_now))
 
     if hasattr(ckpt, "rows") and not args.tie_word_embeddings:  # the table stays in the store: rows read on use
         model.model.embed_tokens = RowsEmbedding(rows("model.embed_tokens.weight"), dtype)
     backends = []
     if dense_bits:  # each weight is read, quantised and dropped in turn: the float weights are never all held
         backends.append(get_backend(fast_cpu_backend()))
-        quantize_dense(model, backends[0].name, dtype, fetch, rows=rows if hasattr(ckpt, "rows") else None)
+        quantize_dense(model, backends[0].name, dtype, fetch,
+                       rows=functools.partial(rows, verify_now=False) if hasattr(ckpt, "rows") else None)
     tied = args.tie_word_embeddings
     names = list(model.state_dict())  # what is left to load: the quantised layers hold their own weights
     state = {name: fetch(name).to(dtype) for name in names if not (tied and name == "lm_head.weight")}

@@ -42,11 +42,11 @@ class StoreCheckpoint(Checkpoint):
             self._dense = self.store.dense()
         return self._dense.tensor(name)
 
-    def rows(self, name: str) -> TensorRows | None:
-        """A dense matrix left in the file, verified now, its rows read when looked up (None if absent)."""
+    def rows(self, name: str, verify_now: bool = True) -> TensorRows | None:
+        """A dense matrix left in the file, its rows read when asked for (None if absent; DenseReader.rows)."""
         if self._dense is None:
             self._dense = self.store.dense()
-        return self._dense.rows(name)
+        return self._dense.rows(name, verify_now)
 
     def check_unread(self) -> None:
         """Verify the dense file's extents no tensor() call read."""

@@ -102,9 +102,7 @@ class OnnxRuntime(Backend, name="onnxruntime"):
         n, k = view.shape
         blocks = max(1, min(self.threads, n // SPLIT_ROWS), min(n // SPLIT_ROWS, -(-n * k // SPLIT_BYTES)))
         edges = [n * i // blocks for i in range(blocks + 1)]
-        parts = tuple(self._session(_skeleton((_signature(v),), None, self.accuracy_level), (v,))
-                      for v in (_rows(view, a, b) for a, b in zip(edges, edges[1:])))
-        return OrtMatrix(parts, sum(p.nbytes for p in parts))
+        return self._matrix(_rows(view, a, b) for a, b in zip(edges, edges[1:]))
 
     def prepare_rows(self, blocks: Iterable[QuantView]) -> OrtMatrix:
         """A matrix from blocks of its rows: a session per block, each made as its block arrives (or
@@ -113,9 +111,12 @@ class OnnxRuntime(Backend, name="onnxruntime"):
         first, second = next(it), next(it, None)
         if second is None:
             return self.prepare(first)
-        parts = [self._session(_skeleton((_signature(v),), None, self.accuracy_level), (v,))
-                 for v in itertools.chain((first, second), it)]
-        return OrtMatrix(tuple(parts), sum(p.nbytes for p in parts))
+        return self._matrix(itertools.chain((first, second), it))
+
+    def _matrix(self, blocks: Iterable[QuantView]) -> OrtMatrix:
+        """A session per block of rows, each made as its block arrives."""
+        parts = tuple(self._session(_skeleton((_signature(v),), None, self.accuracy_level), (v,)) for v in blocks)
+        return OrtMatrix(parts, sum(p.nbytes for p in parts))
 
     def linear(self, x: torch.Tensor, form: OrtExpert | OrtMatrix) -> torch.Tensor:
         feed = {"X": x.detach().float().contiguous().numpy()}

@@ -120,6 +120,18 @@ def test_flipped_byte_in_the_embedding_left_in_the_file_fails_loading(copy):
         load_model(copy, bits=8)
 
 
+def test_flipped_byte_in_a_matrix_quantised_in_row_blocks_fails_loading(copy, monkeypatch):
+    """With --dense-bits 8 a large matrix (here lm_head, with a lowered threshold) is read once, in blocks of
+    rows, its checksum checked as they stream: the last block fails naming the extent."""
+    import daemon.models.qdense as qd
+    monkeypatch.setattr(qd, "BLOCK_CODES", 4096)
+    m = Manifest.read(copy / "manifest.json")
+    head = next(e for e in m.files["dense.safetensors"].extents if e.name == "lm_head.weight")
+    flip(copy / "dense.safetensors", head.offset + 5)
+    with pytest.raises(FormatError, match="dense.safetensors.*extent lm_head.weight.*checksum mismatch"):
+        load_model(copy, bits=8, dense_bits=8)
+
+
 def test_flipped_byte_in_tokenizer_fails_loading(copy):
     flip(copy / "tokenizer.json", 100)
     with pytest.raises(FormatError, match="tokenizer.json.*extent tokenizer"):
