@@ -771,7 +771,8 @@ def parse_amount(spec: str | int | float | None, what: str = "budget") -> Amount
 
 def free_ram_bytes() -> int:
     """Memory this process could still take: the system's available memory, or less if a cgroup memory
-    limit leaves less (its limit minus what the group holds, file pages it can drop not counted)."""
+    limit leaves less (its limit minus what the group holds, file pages it can drop not counted: the
+    inactive ones no process maps; mapped ones, such as the libraries' code, are in use)."""
     import psutil
 
     free = psutil.virtual_memory().available
@@ -788,10 +789,11 @@ def _cgroup_room() -> int | None:
     for line in lines:
         _, controllers, path = line.split(":", 2)
         if controllers == "":  # v2
-            base, names = Path("/sys/fs/cgroup") / path.lstrip("/"), ("memory.max", "memory.current", "inactive_file")
+            base = Path("/sys/fs/cgroup") / path.lstrip("/")
+            names = ("memory.max", "memory.current", "inactive_file", "file_mapped")
         elif "memory" in controllers.split(","):  # v1
             base = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
-            names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+            names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file", "total_mapped_file")
         else:
             continue
         try:
@@ -799,7 +801,8 @@ def _cgroup_room() -> int | None:
             if limit == "max" or int(limit) >= 1 << 60:
                 continue
             stat = dict(ln.split() for ln in (base / "memory.stat").read_text().splitlines() if " " in ln)
-            used = int((base / names[1]).read_text()) - int(stat.get(names[2], 0))
+            droppable = max(0, int(stat.get(names[2], 0)) - int(stat.get(names[3], 0)))  # mapped may be inactive too
+            used = int((base / names[1]).read_text()) - droppable
         except (OSError, ValueError):
             continue
         return max(0, int(limit) - used)

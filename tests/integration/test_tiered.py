@@ -352,6 +352,21 @@ def test_free_ram_is_what_the_system_has_or_a_cgroup_limit_leaves(tmp_path):
         assert r.returncode == 0, r.stderr
         inside = int(r.stdout.strip())
         assert 0 < inside < 600 << 20  # the limit, less what the process already holds
+        # a file's pages in the group's cache can be dropped; once the process maps them, they are in use
+        data = tmp_path / "data.bin"
+        with open(data, "wb") as f:
+            f.write(os.urandom(64 << 20))
+            os.fsync(f.fileno())
+        code = ("import mmap, os, sys\nfrom offload.tiered import free_ram_bytes\n"
+                "fd = os.open(sys.argv[1], os.O_RDONLY)\nos.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)\n"
+                "while os.read(fd, 1 << 20): pass\ncached = free_ram_bytes()\n"
+                "m = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)\nsum(m[i] for i in range(0, len(m), 4096))\n"
+                "print(cached, free_ram_bytes())")
+        r = subprocess.run(["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$0" -c "$1" "$2"', sys.executable,
+                            code, str(data)], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        cached, mapped = map(int, r.stdout.split())
+        assert cached - mapped > 48 << 20, (cached >> 20, mapped >> 20)
     finally:
         for _ in range(50):
             try:
