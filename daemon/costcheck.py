@@ -104,13 +104,13 @@ def _load_times(path: Path, config: dict, bits: int) -> tuple[str, CostTimes | s
 
 def decode_step_seconds(times: CostTimes, batch: int, context: int) -> float:
     """One decode step of `batch` sequences: every layer's attention, then its routed experts (all resident,
-    the best GPU/CPU split, tokens spread as routed_counts says) or its dense MLP."""
+    the best GPU/CPU split, tokens spread as routed_counts says) or its dense MLP; then the head (lm_head)."""
     shape = times.shape
     counts = routed_counts(batch, shape.num_experts, shape.top_k)
     moe = set(shape.moe_layers)
-    return sum(times.attention(batch, context) +
-               (best_split(times, batch, counts) if layer in moe else times.dense_mlp(batch))
-               for layer in range(shape.num_layers))
+    return times.head(batch) + sum(times.attention(batch, context) +
+                                   (best_split(times, batch, counts) if layer in moe else times.dense_mlp(batch))
+                                   for layer in range(shape.num_layers))
 
 
 def profile_costs(config: dict, bits: int, path: Path | None = None) -> LayerCosts | None:

@@ -507,6 +507,7 @@ class LayerExperts:
         self.layer = layer
 
     def __call__(self, x: torch.Tensor, routing) -> torch.Tensor:
+        t_enter = time.perf_counter()
         p, layer, bits = self.p, self.layer, self.p.bits
         groups = group_by_expert(routing)
         counts = {e: int(tok.numel()) for e, tok, _ in groups}
@@ -566,7 +567,7 @@ class LayerExperts:
                 done[e] = p.accel.after(copy, inp(e))
                 then(done[e], self._staged_used, e, copy, src, unpin)
             self._prefetch_next(x)
-            cpu, t_cpu = p.backend, time.perf_counter()
+            cpu = p.backend
 
             def run(e: int, form: PreparedExpert, *following) -> None:
                 """Expert e on the CPU, then following[0](*following[1:]): side by side on the backend's workers
@@ -608,9 +609,9 @@ class LayerExperts:
             for e, tok, wt in groups:  # ascending expert id, wherever each ran
                 y = ran[e] if e in ran else done[e].result() if isinstance(done[e], Future) else done[e]
                 scatter_add(out, tok, y.to(device=x.device, dtype=x.dtype) * wt[:, None])
-            if ram and not missing and not accel:  # the CPU's experts alone: their time per expert, side by side
+            if ram and not missing and not accel:  # the CPU's experts alone: the layer's expert work per expert
                 p.timings.append(("expert", sum(counts[e] for e in ram) / len(ram),
-                                  (time.perf_counter() - t_cpu) / len(ram)))
+                                  (time.perf_counter() - t_enter) / len(ram)))
             return out
         finally:
             # nothing of this layer runs on after it: every computation ends, and what follows each has run

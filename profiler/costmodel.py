@@ -7,6 +7,7 @@ An op is named `kind:device[:variant]...`; its size `x` is in the op's unit:
     h2d:<device>:pinned|pageable    x = bytes copied host -> device
     flash:read                      x = bytes read with the page cache bypassed
     unpack:<device>:<bits>          x = bytes of stored planes turned into compute form
+    head:<device>                   x = positions given logits    meta: hidden, vocab (learned from the engine)
 
 Each op keeps its raw samples, the fit (knots at the probed sizes; per size the lower quartile
 of the samples, since contention from other work only ever adds time; made non-decreasing by
@@ -30,7 +31,7 @@ from statistics import median
 
 FORMAT_VERSION = 1
 RECENT = 64  # observed (x, predicted, seconds) kept per op for error reports
-UNITS = {"ffn": "tokens", "attn": "positions", "h2d": "bytes", "flash": "bytes", "unpack": "bytes"}
+UNITS = {"ffn": "tokens", "attn": "positions", "h2d": "bytes", "flash": "bytes", "unpack": "bytes", "head": "positions"}
 FIT_QUANTILE = 0.25  # the per-size statistic the fit goes through
 MAX_LOG_CORRECTION = math.log(64.0)  # online refinement never moves a prediction more than 64x
 PRIOR = 1.0  # evidence (observations) at which a knot's own average and the op-wide gain weigh the same
@@ -251,6 +252,14 @@ class CostModel:
     def observe(self, op: str, x: float, seconds: float) -> None:
         """Refine op's prediction from a timing the engine measured."""
         self.curve(op).observe(x, seconds)
+
+    def learn(self, op: str, x: float, seconds: float, meta: dict | None = None) -> None:
+        """Refine op's prediction from a timing the engine measured; an op no probe fitted starts its fit
+        from this timing (its later timings refine it like any other)."""
+        if op in self.curves:
+            self.observe(op, x, seconds)
+        elif seconds > 0 and math.isfinite(seconds):
+            self.curves[op] = Curve.fit(op, [(x, seconds)], meta)
 
     def ffn_op(self, device: str, bits: int | None = None, backend: str | None = None,
                tokens: float = 1.0) -> str:

@@ -67,6 +67,9 @@ class CostTimes:
             op = cost.ffn_op(dev, bits)
             if int(op.split(":")[2]) != bits:
                 self.notes.append(f"{dev} experts at {bits} bits timed with {op} (no {bits}-bit kernel probed)")
+        if shape.vocab and self._head_op() not in cost.curves:
+            self.notes.append("the step's head (final norm, lm_head) estimated from attention's time per weight "
+                              "until the engine times it")
 
     @staticmethod
     def _dev(device: str) -> str:
@@ -91,14 +94,26 @@ class CostTimes:
     def observe(self, kind: str, x: float, seconds: float) -> bool:
         """Refine the cost model with a timing the engine measured on this model; False if no op answers.
 
-        kind: "expert" (x = tokens; seconds of one routed expert on the CPU at these bits), "read" (x =
-        bytes read from flash) or "form" (x = bytes of stored planes made into a compute form).
+        kind: "expert" (x = tokens; seconds of one routed expert on the CPU at these bits), "attn" (x =
+        positions attended; seconds of one decode token's attention layer on the main device), "head" (x =
+        positions given logits; seconds of the final norm and lm_head), "read" (x = bytes read from flash) or
+        "form" (x = bytes of stored planes made into a compute form).
         """
         try:
             if kind == "expert":
                 op = self.cost.ffn_op("cpu", self.bits, tokens=x)
                 params = self.shape.expert_params
                 self.cost.observe(op, x, seconds * self._probed_params(op, params) / params)  # at the probed shape
+            elif kind == "attn":  # x = positions attended after the step; one token's layer
+                op = self._attn_ops()[0]
+                self.cost.observe(op, x, seconds * self._attn_ref(op) / self.shape.attn_params)
+            elif kind == "head":  # x = positions given logits
+                if not self.shape.vocab:
+                    return False
+                op = self._head_op()
+                meta = self.cost.curves[op].meta if op in self.cost.curves else \
+                    {"hidden": self.shape.hidden, "vocab": self.shape.vocab}
+                self.cost.learn(op, x, seconds * meta["hidden"] * meta["vocab"] / self.shape.head_params, meta)
             elif kind == "read":
                 self.cost.observe("flash:read", x, seconds)
             elif kind == "form":
@@ -125,18 +140,48 @@ class CostTimes:
             return 0.0
         return self._ffn(self.main, tokens, 3 * self.shape.hidden * self.shape.dense_inter, 16)
 
+    def _attn_ops(self) -> list[str]:
+        """The main device's attention ops, smallest batch first."""
+        dev = self._dev(self.main)
+        ops = sorted((op for op in self.cost.ops() if op.startswith(f"attn:{dev}:b")),
+                     key=lambda o: int(o.rsplit(":b", 1)[1]))
+        if not ops:
+            raise UnknownOp(f"the machine profile has no attention timings for {dev}")
+        return ops
+
+    def _attn_ref(self, op: str) -> int:
+        """Projection weights of the attention layer `op` was probed on."""
+        meta = self.cost.curve(op).meta
+        return meta["hidden"] * meta["head_dim"] * (2 * meta["heads"] + 2 * meta["kv_heads"]) \
+            if meta.get("hidden") else self.shape.attn_params
+
+    def _head_op(self) -> str:
+        return f"head:{self._dev(self.main)}"
+
     def attention(self, tokens: int, context: int) -> float:
         """Seconds for one attention layer (and router) for `tokens` new tokens over `context` positions."""
         key = ("attn", tokens, context)
         if key not in self._memo:
-            dev = self._dev(self.main)
-            ops = [op for op in self.cost.ops() if op.startswith(f"attn:{dev}:")]
-            if not ops:
-                raise UnknownOp(f"the machine profile has no attention timings for {dev}")
-            meta = self.cost.curve(ops[0]).meta
-            ref = meta["hidden"] * meta["head_dim"] * (2 * meta["heads"] + 2 * meta["kv_heads"]) \
-                if meta.get("hidden") else self.shape.attn_params
-            self._memo[key] = self.cost.attention(dev, tokens, context + tokens) * self.shape.attn_params / ref
+            ops = self._attn_ops()
+            t = self.cost.attention(self._dev(self.main), tokens, context + tokens)
+            self._memo[key] = t * self.shape.attn_params / self._attn_ref(ops[0])
+        return self._memo[key]
+
+    def head(self, tokens: int) -> float:
+        """Seconds for a step's head on the main device: the final norm and the output projection for
+        `tokens` positions (0 when the shape has no vocabulary size); until the engine has timed it, attention's
+        time per projection weight at no context."""
+        if not self.shape.vocab:
+            return 0.0
+        key = ("head", tokens)
+        if key not in self._memo:
+            op = self._head_op()
+            if op in self.cost.curves:
+                meta = self.cost.curve(op).meta
+                t = self.cost.predict(op, tokens) * self.shape.head_params / (meta["hidden"] * meta["vocab"])
+            else:
+                t = self.attention(tokens, 0) * self.shape.head_params / self.shape.attn_params
+            self._memo[key] = t
         return self._memo[key]
 
     def h2d(self, nbytes: int) -> float:
@@ -184,6 +229,10 @@ def roofline_costmodel(spec: dict, shape: ModelShape, bits: int) -> CostModel:
             nbytes = 2 * shape.attn_params + c * kv_row
             flops = 2.0 * shape.attn_params * b + 4.0 * b * c * shape.heads * shape.head_dim
             samples.append(Sample(op, c, _roof(main, nbytes, flops)))
+    if shape.vocab:  # fp16 output projection, logits for `b` positions
+        meta[f"head:{main_name}"] = {"hidden": shape.hidden, "vocab": shape.vocab}
+        samples += [Sample(f"head:{main_name}", b, _roof(main, 2 * shape.head_params, 2.0 * shape.head_params * b))
+                    for b in TOKEN_GRID]
     links = [("flash:read", spec["flash"])] + ([("h2d:cuda:pinned", spec["pcie"])] if spec.get("pcie") else [])
     for op, link in links:
         samples += [Sample(op, n, link.get("latency_s", 0.0) + n / link["bandwidth_Bps"]) for n in BYTES_GRID]

@@ -27,6 +27,7 @@ class ModelShape:
     head_dim: int
     shared_inter: int = 0  # total width of the shared expert(s); 0: none
     dense_inter: int = 0  # MLP width of the layers that are not MoE
+    vocab: int = 0  # output projection rows (lm_head); 0: not known, the step's head is not timed
 
     @property
     def expert_params(self) -> int:
@@ -38,6 +39,11 @@ class ModelShape:
         if bits >= 16:
             return self.expert_params * bits // 8
         return math.ceil(self.expert_params * (bits + GROUP_OVERHEAD_BITS / GROUP) / 8)
+
+    @property
+    def head_params(self) -> int:
+        """Weights of the output projection (lm_head) every step runs once per token it samples."""
+        return self.vocab * self.hidden
 
     @property
     def attn_params(self) -> int:
@@ -83,18 +89,19 @@ class ModelShape:
             shared = int(cfg.get("shared_expert_intermediate_size") or 0)
         dense_inter = 0 if experts_are_mlps else int(cfg.get("intermediate_size") or 0)
         return cls(name or mt, hidden, moe_inter, int(experts), int(cfg["num_experts_per_tok"]), layers, moe,
-                   heads, kv, head_dim, shared, dense_inter)
+                   heads, kv, head_dim, shared, dense_inter, int(cfg.get("vocab_size") or 0))
 
 
 # Published configs (their config.json), reduced to the fields above.
 PRESETS: dict[str, ModelShape] = {
-    "qwen3-30b-a3b": ModelShape("Qwen3-30B-A3B", 2048, 768, 128, 8, 48, tuple(range(48)), 32, 4, 128),
+    "qwen3-30b-a3b": ModelShape("Qwen3-30B-A3B", 2048, 768, 128, 8, 48, tuple(range(48)), 32, 4, 128,
+                                vocab=151936),
     "qwen1.5-moe-a2.7b": ModelShape("Qwen1.5-MoE-A2.7B", 2048, 1408, 60, 4, 24, tuple(range(24)), 16, 16, 128,
-                                    shared_inter=5632),
-    "mixtral-8x7b": ModelShape("Mixtral-8x7B", 4096, 14336, 8, 2, 32, tuple(range(32)), 32, 8, 128),
-    "olmoe-1b-7b": ModelShape("OLMoE-1B-7B", 2048, 1024, 64, 8, 16, tuple(range(16)), 16, 16, 128),
+                                    shared_inter=5632, vocab=151936),
+    "mixtral-8x7b": ModelShape("Mixtral-8x7B", 4096, 14336, 8, 2, 32, tuple(range(32)), 32, 8, 128, vocab=32000),
+    "olmoe-1b-7b": ModelShape("OLMoE-1B-7B", 2048, 1024, 64, 8, 16, tuple(range(16)), 16, 16, 128, vocab=50304),
     "deepseek-v2-lite": ModelShape("DeepSeek-V2-Lite", 2048, 1408, 64, 6, 27, tuple(range(1, 27)), 16, 16, 128,
-                                   shared_inter=2 * 1408, dense_inter=10944),
+                                   shared_inter=2 * 1408, dense_inter=10944, vocab=102400),
 }
 
 

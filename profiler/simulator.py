@@ -9,9 +9,10 @@ the routing is known. The shared expert runs on the main device before its route
 and CPU work at the same time unless the policy says they take turns (`overlap = False`,
 llama.cpp). On unified memory both budgets form one pool
 that serves GPU and CPU without copies. Prefetches a policy issues go on the links after the layer's own fetches. The
-layer ends when its last expert ends.
+layer ends when its last expert ends. A step ends with its head (final norm and lm_head, for the one
+position whose next token it samples: traces are of one sequence) on the main device.
 
-Lower bound of the same work: per layer, attention plus the best split of the layer's experts
+Lower bound of the same work: the heads, and per layer, attention plus the best split of the layer's experts
 between GPU and CPU with every expert resident in both memories and no transfer on the
 critical path (perfect overlap): min over splits of max(shared + sum GPU times, sum CPU
 times), exact for up to EXACT_SPLIT experts and its fractional relaxation (still a bound)
@@ -50,6 +51,9 @@ class OpTimes(Protocol):
     def attention(self, tokens: int, context: int) -> float:
         """One attention layer and router for `tokens` new tokens after `context` positions."""
 
+    def head(self, tokens: int) -> float:
+        """A step's final norm and output projection (lm_head) for `tokens` positions, on the main device."""
+
     def h2d(self, nbytes: int) -> float:
         """A copy of nbytes from RAM into VRAM."""
 
@@ -66,6 +70,7 @@ class LinearTimes:
     attn: float = 0.5  # per layer, any tokens
     shared_s: float = 0.0
     dense_s: float = 0.0
+    head_s: float = 0.0  # per step, any tokens
     copy: tuple[float, float] = (2.0, 0.0)  # RAM -> VRAM: a + b * bytes
     flash: tuple[float, float] = (3.0, 0.0)
     unified: bool = False
@@ -91,6 +96,10 @@ class LinearTimes:
     def attention(self, tokens: int, context: int) -> float:
         """The fixed attention time."""
         return self.attn
+
+    def head(self, tokens: int) -> float:
+        """The fixed head time."""
+        return self.head_s
 
     def h2d(self, nbytes: int) -> float:
         """a + b * bytes (0 on unified memory)."""
@@ -263,7 +272,7 @@ def lower_bound(trace: Trace, times: OpTimes) -> tuple[float, list[float]]:
             if key not in memo:
                 memo[key] = best_split(times, s.tokens, key[1])
             t += memo[key]
-        per_step.append(t)
+        per_step.append(t + times.head(1))
     return sum(per_step), per_step
 
 
@@ -401,6 +410,7 @@ def simulate(trace: Trace, times: OpTimes, policy, vram_bytes: int, ram_bytes: i
                     prefetched.add(k)
                     n_prefetched += 1
             t = done
+        t = clock[main] = max(t, clock[main]) + times.head(1)
         step_times.append(t - start)
     lb, _ = lower_bound(trace, times)
     return SimResult(policy.name, trace.header.label, len(trace.steps), trace.tokens, t, lb, sum(found.values()),

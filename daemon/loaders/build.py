@@ -170,6 +170,7 @@ def _finish(model: CausalLM, provider, ckpt: Checkpoint, args: ModelArgs, backen
         # backend's (measured: 31 vs 22 decode tok/s, bench/offload_cpu.py's model at a 100% budget)
         torch.set_num_threads(1)
     model.attach_experts(provider)
+    model.report_timings(getattr(provider, "timings", None))  # tiered experts: the cost model's inbox
     model.eval()
     tokenizer = ckpt.tokenizer()
     if tokenizer.vocab_size > args.vocab_size:

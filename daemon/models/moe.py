@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -132,6 +134,7 @@ class MoEBlock(nn.Module):
             self.shared_gate = shared_gate
         self.provider: ExpertProvider | None = None
         self.observer: RoutingObserver | None = None
+        self.experts_seconds = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -139,7 +142,9 @@ class MoEBlock(nn.Module):
         routing = self.gate(x)
         if self.observer is not None:
             self.observer(self.layer, routing)
+        t = time.perf_counter()
         out = self.provider.experts(self.layer)(x, routing)
+        self.experts_seconds = time.perf_counter() - t  # the routed experts' part (DecoderLayer's timings)
         if hasattr(self, "shared"):
             s = self.shared(x)
             if hasattr(self, "shared_gate"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Callable
 
 import torch
@@ -24,10 +26,16 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp
         self.input_layernorm = RMSNorm(hidden, eps)
         self.post_attention_layernorm = RMSNorm(hidden, eps)
+        self.timings: deque | None = None  # set by CausalLM.report_timings
 
     def forward(self, x: torch.Tensor, a: AttnInputs) -> torch.Tensor:
+        t = time.perf_counter()
         h = x + self.self_attn(self.input_layernorm(x), a)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        out = h + self.mlp(self.post_attention_layernorm(h))
+        if self.timings is not None and x.shape[-2] == 1 and isinstance(a, AttnInputs) \
+                and isinstance(self.mlp, MoEBlock):  # one token's MoE layer: all but its routed experts
+            self.timings.append(("attn", a.cache.length + 1, time.perf_counter() - t - self.mlp.experts_seconds))
+        return out
 
 
 def decoder_layers(a: ModelArgs, attn: Callable[[int], nn.Module],
@@ -58,6 +66,8 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rope = rope
         self.sliding_window: int | None = None
+        self.timings: deque | None = None
+        self._layers_s = 0.0  # the last forward's time in its decoder layers
 
     @property
     def moe_layers(self) -> list[int]:
@@ -69,6 +79,29 @@ class CausalLM(nn.Module):
         for layer in self.model.layers:
             if isinstance(layer.mlp, MoEBlock):
                 layer.mlp.provider = provider
+
+    def report_timings(self, sink: deque | None) -> None:
+        """Append what the cost model times (profiler.machine.CostTimes.observe) to sink as (kind, x, seconds):
+        each one-token MoE layer's work but its routed experts ("attn", positions attended: norms, attention,
+        router) and each step's work outside its layers ("head", positions given logits: embedding, rope,
+        final norm, lm_head); None: stop. (The routed experts report their own time.)"""
+        self.timings = sink
+        for layer in self.model.layers:
+            layer.timings = sink
+
+    def _layers(self, x: torch.Tensor, a: AttnInputs | RaggedInputs) -> torch.Tensor:
+        t = time.perf_counter()
+        for layer in self.model.layers:
+            x = layer(x, a)
+        self._layers_s = time.perf_counter() - t
+        return x
+
+    def _logits(self, h: torch.Tensor, since: float) -> torch.Tensor:
+        """lm_head of final-norm hidden states [..., D]; reports the step's time since `since` outside its layers."""
+        out = self.lm_head(h)
+        if self.timings is not None:
+            self.timings.append(("head", h.numel() // h.shape[-1], time.perf_counter() - since - self._layers_s))
+        return out
 
     def observe_routing(self, observer: RoutingObserver | None) -> None:
         """Call observer(layer, routing) after every MoE block routes (None: stop)."""
@@ -87,9 +120,7 @@ class CausalLM(nn.Module):
         pos = torch.arange(start, start + t, device=tokens.device)
         cos, sin = self.rope.tables(pos)
         a = AttnInputs(cos, sin, causal_mask(t, start, tokens.device, self.sliding_window), cache)
-        x = self.model.embed_tokens(tokens)
-        for layer in self.model.layers:
-            x = layer(x, a)
+        x = self._layers(self.model.embed_tokens(tokens), a)
         cache.advance(t)
         return self.model.norm(x)
 
@@ -102,6 +133,7 @@ class CausalLM(nn.Module):
         if len(seqs) == 1:
             tokens, cache = seqs[0]
             return self(tokens[None], cache, last_only=True)[:, -1]
+        since = time.perf_counter()
         lengths = [len(t) for t, _ in seqs]
         device = seqs[0][0].device
         pos = torch.cat([torch.arange(c.length, c.length + n, device=device) for (_, c), n in zip(seqs, lengths)])
@@ -109,17 +141,16 @@ class CausalLM(nn.Module):
         parts = [AttnInputs(c_, s_, causal_mask(n, cache.length, device, self.sliding_window), cache)
                  for c_, s_, n, (_, cache) in zip(cos.split(lengths), sin.split(lengths), lengths, seqs)]
         x = self.model.embed_tokens(torch.cat([t for t, _ in seqs])[None])  # [1, sum T, D]
-        a = RaggedInputs(parts, lengths)
-        for layer in self.model.layers:
-            x = layer(x, a)
+        x = self._layers(x, RaggedInputs(parts, lengths))
         for (_, cache), n in zip(seqs, lengths):
             cache.advance(n)
         last = torch.tensor(lengths, device=device).cumsum(0) - 1  # [N]
-        return self.lm_head(self.model.norm(x[0, last]))
+        return self._logits(self.model.norm(x[0, last]), since)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """Logits [B, T, V] (or [B, 1, V] with last_only) for tokens [B, T]."""
+        since = time.perf_counter()
         h = self.hidden(tokens, cache)
         if last_only:
             h = h[:, -1:]
-        return self.lm_head(h)
+        return self._logits(h, since)

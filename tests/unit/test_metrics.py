@@ -141,6 +141,22 @@ def test_engine_timings_refine_the_cost_model(tiny_config):
     assert times.cost.unpack("cpu", 8, 6 << 20) == pytest.approx(2 * form, rel=0.15)
     assert not times.observe("nonsense", 1, 1.0)
 
+    # attention and the head: the profile times attention (scaled to this model); it has no head op, so the
+    # head is estimated from attention's time per weight until the engine times it, then learned from that
+    shape = times.shape
+    assert shape.vocab == tiny_config[1]["vocab_size"] and "head" not in " ".join(times.cost.ops())
+    attn = times.attention(1, 99)
+    assert times.head(1) == pytest.approx(times.attention(1, 0) * shape.head_params / shape.attn_params)
+    assert any("head" in n for n in times.notes)
+    for _ in range(60):
+        assert times.observe("attn", 100, 2 * attn)
+    assert times.attention(1, 99) == pytest.approx(2 * attn, rel=0.15)
+    assert times.observe("head", 1, 5e-3) and times.head(1) == pytest.approx(5e-3)
+    for _ in range(60):
+        assert times.observe("head", 1, 1e-2)
+    assert times.head(1) == pytest.approx(1e-2, rel=0.15)
+    assert times.cost.curve("head:cpu").meta == {"hidden": shape.hidden, "vocab": shape.vocab}
+
     p = StepPredictor(PROFILE)
     before = p.check(*tiny_config, 8, decode_metrics().view())
     slower = [("expert", 1.0, 20 * times.expert("cpu", 1))] * 60

@@ -148,6 +148,18 @@ def test_prefetch_accuracy_knob_lowers_hits():
     assert hits[0] > hits[1] > hits[2]
 
 
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_step_ends_with_its_head(policy):
+    """The head (final norm, lm_head) runs once per step on the main device after the last layer: it adds
+    exactly its time to every step and to the lower bound, whatever the policy and budgets."""
+    for times in (GPU, CPU_ONLY):
+        for vram, ram in ((ALL, ALL), (0, 0), (EB, 2 * EB)):
+            base = run(policy, times, vram, ram)
+            head = run(policy, replace(times, head_s=0.25), vram, ram)
+            assert head.step_times == pytest.approx([t + 0.25 for t in base.step_times])
+            assert head.lower_bound_s == pytest.approx(base.lower_bound_s + 6 * 0.25)
+
+
 def test_best_split_exact_and_fractional_bounds():
     t = LinearTimes(gpu=(1.0, 0.0), cpu=(0.0, 1.5))
     assert best_split(t, 1, (1, 1)) == 1.5  # one on each device
