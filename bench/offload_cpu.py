@@ -14,7 +14,9 @@ peak RSS minus the bytes its RAM tier ever held, plus a margin (MARGIN_SHARE, at
 moed's RAM budget is s of its own experts' bytes (--moed-budget share, the default: what
 `--ram-budget s%` means; onnxruntime's form of an expert takes ~1.1x its Q8_0 bytes, which the
 margin absorbs, and the cap binds it as it binds llama.cpp) or s * E bytes (--moed-budget bytes:
-exactly the room the cap leaves llama.cpp for experts).
+exactly the room the cap leaves llama.cpp for experts). Below a 100% share, moed's own policy also runs
+with `--ram-budget FILL%free` (--fill): a share of the memory the cap leaves when its tier is made, as
+a user of a capped container would set it, and as llama.cpp's page cache fills whatever the cap leaves.
 
 How. Every run is a fresh worker process put into a cgroup v1 memory group limited to the cap
 (it writes its own pid into the group before loading anything; `systemd-run --scope -p
@@ -33,10 +35,15 @@ bench/results/profile_this_machine.json; moed's runs timed with its kernel's exp
 under the matching policy (llama.cpp -> llamacpp, lru -> lru, score -> hybrimoe's cache without its
 prefetch; moed's replays read ahead what its engine read ahead, recorded in the trace) with
 as many experts in RAM as the run could hold, and its decode seconds per token are compared with
-the measured ones. lfu and moed have no simulator policy: no prediction is made for them.
+the measured ones. lfu and moed have no simulator policy: no prediction is made for them. moed's
+cost model is refined as a serving daemon's is, by the timings its engine reports (`learn`): the
+base run's, then each moed run's at 8 bits once that run has been predicted; no run is predicted
+from its own timings.
 
-Writes bench/results/offload_cpu.json, .md and .trace.jsonl. The full run takes about as long
-as 1 + (2 + len(policies)) * len(shares) model loads and decodes; --quick (tiny shapes) is a smoke test.
+Each configuration runs --repeats times (fresh workers) and the fastest is reported. Writes
+bench/results/offload_cpu.json, .md and .trace.jsonl. The full run takes about as long as
+1 + repeats * (2 + len(policies) + fill runs) * len(shares) model loads and decodes; --quick (tiny
+shapes) is a smoke test.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ import hashlib
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -65,12 +73,14 @@ from offload.manifest import MANIFEST  # noqa: E402
 
 if TYPE_CHECKING:
     from profiler.machine import Machine
+    from profiler.shapes import ModelShape
     from profiler.trace import Trace
 
 ARCH = "olmoe"
 QUICK = {"hidden_size": 256, "num_experts": 8, "num_experts_per_tok": 2}  # on top of daemon.tiny's olmoe
 POLICIES = ("lru", "lfu", "score", "moed")
 SIM_POLICY = {"llama.cpp": "llamacpp", "lru": "lru", "score": "hybrimoe:prefetch=0"}
+CALIBRATE = ("attn", "head", "expert")  # engine timings of the base run's decode that refine moed's cost model
 READ_AHEAD = ("lru", "score")  # moed's replays: its engine's read-ahead (recorded in the trace), not the policy's
 BITS = 8
 DENSE_BITS = 8
@@ -170,8 +180,11 @@ def work_moed(spec: RunSpec) -> dict:
     s = Summary(list(spec.prompt))
     start = None
     for _ in generate(lm, list(spec.prompt), SamplingParams(max_tokens=spec.decode + 1, ignore_eos=True), s):
-        start = start or counters()  # the first token comes from the prefill: decode starts now
+        if start is None:  # the first token comes from the prefill: decode starts now
+            start = counters()
+            p.timings.clear()
     end = counters()
+    timings = [[k, x, sec] for k, x, sec in p.timings if k in CALIBRATE]
     if rec is not None:
         rec.close()
     ram = p.tier_views()[0]
@@ -183,7 +196,7 @@ def work_moed(spec: RunSpec) -> dict:
            "hit_rate_all": ram.hit_rate, "bytes_read": d["bytes_read"], "disk_read_bytes": d["disk_read_bytes"],
            "ram_budget": ram.budget, "ram_peak": p.stats["ram"].peak, "experts_resident": ram.experts_resident,
            "experts_total": ram.experts_total, "expert_bytes": p.expert_bytes(p.bits), "bits": p.bits,
-           "peak_rss_bytes": peak_rss()}
+           "peak_rss_bytes": peak_rss(), "timings": timings}
     p.close()
     return out
 
@@ -370,11 +383,9 @@ def default_machine() -> str:
     return "this" if default_profile_path().exists() else str(ROOT / "bench" / "results" / "profile_this_machine.json")
 
 
-def sim_machines(spec: str, base_run: dict) -> tuple[dict[str, Machine], dict]:
+def sim_machines(spec: str, base_run: dict, shape: ModelShape) -> tuple[dict[str, Machine], dict]:
     """The machine profile for llama.cpp's replay, and for moed's: expert FFNs timed with moed's kernel only,
-    and a flash read of an expert refined with what moed's engine observed in the base run (which reads
-    nearly every expert it uses): its flash->RAM link's busy time per transfer, which counts the read, the
-    checksums and making the compute form, at the throughput its I/O threads reached side by side."""
+    refined (`learn`) with what moed's engine observed in the base run."""
     from profiler.costmodel import CostModel
     from profiler.machine import load_machine
 
@@ -383,18 +394,42 @@ def sim_machines(spec: str, base_run: dict) -> tuple[dict[str, Machine], dict]:
         return {"llama.cpp": m, "moed": m}, {}
     kernel = f":{moed_kernel()}"
     keep = any(op.startswith("ffn:") and op.endswith(kernel) for op in m.cost.ops())
-    moed = CostModel({op: copy.deepcopy(c) for op, c in m.cost.curves.items()
-                      if not (keep and op.startswith("ffn:")) or op.endswith(kernel)})
-    n, busy, nbytes = base_run.get("transfers", 0), base_run.get("link_busy_s", 0.0), base_run["read_bytes_per_expert"]
-    refined = {}
-    if n and busy > 0 and "flash:read" in moed.curves:
-        per = busy / n
-        refined = {"op": "flash:read", "bytes": nbytes, "profiled_s": moed.flash_read(nbytes), "observed_s": per,
-                   "transfers": n}
+    moed = replace(m, cost=CostModel({op: copy.deepcopy(c) for op, c in m.cost.curves.items()
+                                      if not (keep and op.startswith("ffn:")) or op.endswith(kernel)}))
+    return {"llama.cpp": m, "moed": moed}, learn(moed, shape, base_run)
+
+
+def learn(machine: Machine, shape: ModelShape, run: dict) -> dict:
+    """Refine a measured machine's cost model in place with what moed's engine observed in a run at BITS, as a
+    serving daemon's is refined (nothing from a run at other bits): a flash read of an expert from the run's
+    flash->RAM link busy time per transfer (the read, the checksums and making the compute form, at the
+    throughput its I/O threads reached side by side), and its decode steps' attention layers, heads (lm_head)
+    and resident experts (CALIBRATE). Returns each op's prediction before and after, and how many timings."""
+    if machine.cost is None or run.get("status", "ok") != "ok" or run.get("bits", BITS) != BITS:
+        return {}
+    nbytes = run["read_bytes_per_expert"]
+
+    def ops(t) -> dict[str, float]:  # an expert's read, a decode token's attention layer, head and resident expert
+        return {"read": t.read(nbytes), "attn": t.attention(1, 32), "head": t.head(1), "expert": t.expert("cpu", 1)}
+
+    times = machine.times(shape, BITS)
+    before, seen = ops(times), {k: 0 for k in ("read", *CALIBRATE)}
+    n, busy = run.get("transfers", 0), run.get("link_busy_s", 0.0)
+    if n and busy > 0:
         for _ in range(min(n, 100)):  # as the engine would report them, one per transfer
-            moed.observe("flash:read", nbytes, per)
-        refined["refined_s"] = moed.flash_read(nbytes)
-    return {"llama.cpp": m, "moed": replace(m, cost=moed)}, refined
+            seen["read"] += times.observe("read", nbytes, busy / n)
+    for kind, x, sec in run.get("timings", []):  # CostTimes.observe refines the CostModel in place
+        seen[kind] += times.observe(kind, x, sec)
+    after = ops(machine.times(shape, BITS))
+    return {k: {"observed": seen[k], "before_s": before[k], "after_s": after[k]} for k in before}
+
+
+def _timing_summary(timings: list) -> dict:
+    """Per kind of engine timing: how many, and their median seconds."""
+    kinds: dict[str, list[float]] = {}
+    for kind, _, sec in timings:
+        kinds.setdefault(kind, []).append(sec)
+    return {k: {"n": len(v), "median_s": statistics.median(v)} for k, v in kinds.items()}
 
 
 def moed_kernel() -> str:
@@ -440,14 +475,21 @@ class Setup:
     tokens: int
     threads: int
     method: str
+    repeats: int = 1
 
     def run(self, engine: str, limit: int | None, label: str, policy: str = "", budget: str | int | None = None,
             trace: Path | None = None, bits: int | str = BITS) -> dict:
-        """One measured run of `engine` (moed: at `budget` under `policy`) under a cap of `limit` bytes."""
+        """The fastest of `repeats` measured runs of `engine` (moed: at `budget` under `policy`) under a cap of
+        `limit` bytes, each in a fresh worker (once when it records a trace): the machine's noise only ever
+        adds time. `repeats_tps` lists every run's decode tok/s (None: it failed)."""
         model = self.files.gguf if engine == "llama.cpp" else self.files.store
         spec = RunSpec(engine, str(model), self.prompt, self.tokens, self.threads, policy, bits, budget,
                        None if trace is None else str(trace))
-        return measure(spec, self.method, limit, label, self.files.model_files())
+        runs = [measure(spec, self.method, limit, label, self.files.model_files())
+                for _ in range(1 if trace is not None else self.repeats)]
+        ok = [r for r in runs if r["status"] == "ok"]
+        best = max(ok, key=lambda r: r["decode_tps"]) if ok else runs[-1]
+        return {**best, "repeats_tps": [r["decode_tps"] if r["status"] == "ok" else None for r in runs]}
 
 
 def find_base(setup: Setup, trace: Path, given: int | None = None) -> dict:
@@ -474,7 +516,7 @@ def find_base(setup: Setup, trace: Path, given: int | None = None) -> dict:
 
 
 def run_budget(setup: Setup, share: float, base: dict, moed_budget: str, policies: list[str], trace: Trace,
-               sims: dict[str, Machine], extra_bits: list[str]) -> dict:
+               sims: dict[str, Machine], extra_bits: list[str], fill: float = 0.0) -> dict:
     """llama.cpp and moed (each policy) at one RAM budget share under one cap, with the simulator's predictions."""
     f = setup.files
     n_total = f.config["num_experts"] * f.config["num_hidden_layers"]
@@ -492,9 +534,18 @@ def run_budget(setup: Setup, share: float, base: dict, moed_budget: str, policie
         sim = SIM_POLICY.get(pol)
         r["simulator"] = compare(predict(trace, sims["moed"], sim, held, pol in READ_AHEAD) if sim else None, r,
                                  f"the simulator has no {pol} policy")
+        r["learned"] = learn(sims["moed"], trace.header.model, r)  # after its own prediction: for the next runs
     for bits in extra_bits:  # moed's own policy at other bit-widths (the same store: a prefix of each expert)
         r = runs[f"moed {bits}-bit"] = setup.run("moed", cap, f"{label}-moed-{bits}", "moed", budget, bits=bits)
         r["simulator"] = compare(None, r, "the simulator has no moed policy")
+    for bits in [BITS] + extra_bits if fill and share < 1 else []:  # what the cap leaves, as llama.cpp's page cache
+        r = setup.run("moed", cap, f"{label}-moed-{bits}-fill", "moed", f"{fill:g}%free", bits=bits)
+        name = f"moed{'' if bits == BITS else f' {bits}-bit'} {fill:g}%free"
+        if r["status"] == "ok":
+            name += f" (room for {min(n_total, r['ram_budget'] // r['expert_bytes'])})"
+        runs[name] = r
+        r["simulator"] = compare(None, r, "the simulator has no moed policy")
+        r["learned"] = learn(sims["moed"], trace.header.model, r)
     return {"share": share, "cap_bytes": cap, "moed_ram_budget": budget_bytes, "moed_experts_held": held,
             "llama.cpp": llama, "moed": runs}
 
@@ -533,11 +584,16 @@ def _cells(name: str, r: dict, llama_tps: float | None, cap: int | None, decode:
 
 def _refined(r: dict) -> str:
     if not r:
-        return " moed's replays use the profile's flash reads as they are (no transfers observed in the base run)."
-    return (f" For moed's replays the cost model's {r['op']} of an expert ({r['bytes'] / MiB:.2f} MiB) is refined "
-            f"with the base run's flash->RAM link time per transfer, as the engine reports it: profiled "
-            f"{r['profiled_s'] * 1e3:.1f} ms, observed {r['observed_s'] * 1e3:.1f} ms (read, checksums and compute "
-            f"form; {r['transfers']} transfers), refined {r['refined_s'] * 1e3:.1f} ms.")
+        return ""
+    names = {"read": "an expert's flash read", "attn": "an attention layer", "head": "the head (lm_head)",
+             "expert": "a resident expert"}
+    cells = [f"{names[k]} {v['before_s'] * 1e3:.2f} -> {v['after_s'] * 1e3:.2f} ms ({v['observed']} timings)"
+             for k, v in r.items()]
+    return (" moed's replays use the profile as the engine's timings refine it, as a serving daemon's cost model "
+            "is: first with the base run's (its flash->RAM link time per transfer, which counts the read, "
+            "checksums and making the compute form; its decode steps' attention layers, heads and resident "
+            "experts; per op, profiled -> refined: " + ", ".join(cells) + "), then, after each moed run at "
+            f"{BITS} bits is predicted, with that run's: a run is predicted from the runs before it, never its own.")
 
 
 def markdown(res: dict) -> str:
@@ -560,10 +616,13 @@ def markdown(res: dict) -> str:
         f"Page cache before each run: {', '.join(f'{k} {v}' for k, v in res['page_cache_eviction'].items())}.",
         f"moed's RAM budget: {res['moed_budget']}.",
         f"Runs: {res['threads']} threads, {res['prompt_tokens']} prompt tokens (same ids for both), "
-        f"{res['decode_tokens']} greedy decode tokens; tok/s = decode tokens / decode seconds (prefill excluded).",
+        f"{res['decode_tokens']} greedy decode tokens; tok/s = decode tokens / decode seconds (prefill excluded); "
+        f"each configuration the fastest of {res['repeats']} runs, each in a fresh worker (this VM's noise, up to "
+        "2x between runs, only ever adds time).",
         f"Simulator: {res['simulator']['machine']}; replays {res['trace']} (recorded by the base run) with as many "
-        "experts in RAM as each run could hold. It times attention, routers and experts, not the embedding, "
-        "lm_head or sampling." + _refined(res['simulator'].get('moed_refined_from_base_run') or {}), ""]
+        "experts in RAM as each run could hold. It times attention, routers, experts and each step's head (final "
+        "norm and lm_head), not the embedding, sampling or the engine's hand-offs between them."
+        + _refined(res['simulator'].get('moed_refined_from_base_run') or {}), ""]
     head = ["engine", "decode tok/s", "vs llama.cpp", "hit rate", "MiB read / token", "peak RSS / cap MiB",
             "measured ms/token", "simulated ms/token", "sim error"]
     for b in res["budgets"]:
@@ -601,11 +660,16 @@ def main() -> None:
     p.add_argument("--policies", default=",".join(POLICIES), help="moed cache policies to run")
     p.add_argument("--extra-bits", default="4", help="bit-widths (1-8, auto) moed's own policy also runs at, "
                    "comma-separated; '' for none")
+    p.add_argument("--fill", type=float, default=80.0,
+                   help="below a 100%% share, moed's own policy also runs with --ram-budget FILL%%free: that share "
+                        "of what the cap leaves when its tier is made, as llama.cpp's page cache fills the cap "
+                        "(0: no such runs)")
     p.add_argument("--moed-budget", choices=("bytes", "share"), default="share",
                    help="moed's RAM budget: share of its own experts' bytes (default), or share * E bytes")
     p.add_argument("--cap", choices=("auto", "cgroup-v1", "systemd-run", "none"), default="auto")
     p.add_argument("--base-mib", type=int, help="the cap's allowance for all but the experts (default: measured)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=2, help="runs of each configuration; the fastest is reported")
     p.add_argument("--quick", action="store_true", help="tiny shapes (hidden 256, 8 experts, 2 layers): a smoke test")
     p.add_argument("--machine", help="machine profile for the simulator (default: this machine's)")
     p.add_argument("--work", default=str(Path.home() / ".cache" / "moed" / "bench-offload"))
@@ -628,7 +692,7 @@ def main() -> None:
     config = {**(QUICK if a.quick else SHAPES[ARCH]), "num_hidden_layers": a.layers or (2 if a.quick else 4)}
     files = build(Path(a.work), config)
     method, unavailable = cap_method(a.cap)
-    setup = Setup(files, tuple(prompt_tokens(a.prompt_tokens)), a.tokens, a.threads, method)
+    setup = Setup(files, tuple(prompt_tokens(a.prompt_tokens)), a.tokens, a.threads, method, a.repeats)
     out = Path(a.out or (Path(a.work) / "offload_cpu_quick" if a.quick else ROOT / "bench" / "results" / "offload_cpu"))
     out.parent.mkdir(parents=True, exist_ok=True)
     trace_path = out.with_suffix(".trace.jsonl")
@@ -637,10 +701,12 @@ def main() -> None:
     base = find_base(setup, trace_path, None if a.base_mib is None else a.base_mib * MiB)
     trace = read_trace(trace_path)
     machine_spec = a.machine or default_machine()
-    sims, refined = sim_machines(machine_spec, base["run"])
+    sims, refined = sim_machines(machine_spec, base["run"], trace.header.model)
     extra = [b if b == "auto" else int(b) for b in a.extra_bits.split(",") if b.strip()]
-    budgets = [run_budget(setup, s, base, a.moed_budget, policies, trace, sims, extra) for s in shares]
+    budgets = [run_budget(setup, s, base, a.moed_budget, policies, trace, sims, extra, a.fill) for s in shares]
 
+    for r in [base["run"]] + [r for b in budgets for r in b["moed"].values()]:  # learned from; kept as a summary
+        r["timings"] = _timing_summary(r.get("timings", []))
     model = model_record(files, a.quick, base["run"]["expert_bytes"])
     outputs = {tuple(r["tokens"]) for b in budgets for r in b["moed"].values()
                if r["status"] == "ok" and r["bits"] == BITS}
@@ -648,7 +714,7 @@ def main() -> None:
         "benchmark": "offload_cpu", "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": "python bench/offload_cpu.py " + " ".join(sys.argv[1:]), "machine": machine(),
         "model": model,
-        "threads": a.threads, "prompt_tokens": a.prompt_tokens, "decode_tokens": a.tokens,
+        "threads": a.threads, "prompt_tokens": a.prompt_tokens, "decode_tokens": a.tokens, "repeats": a.repeats,
         "cap": {"method": method, "unavailable": unavailable, "base_bytes": base["bytes"], "base_how": base["how"],
                 "base_measured_bytes": base["measured_bytes"], "margin_bytes": base["margin_bytes"],
                 "base_run_cgroup_peak_bytes": base["cgroup_peak_bytes"],
