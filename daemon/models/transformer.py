@@ -83,8 +83,8 @@ class CausalLM(nn.Module):
     def report_timings(self, sink: deque | None) -> None:
         """Append what the cost model times (profiler.machine.CostTimes.observe) to sink as (kind, x, seconds):
         each one-token MoE layer's work but its routed experts ("attn", positions attended: norms, attention,
-        router) and each step's work outside its layers ("head", positions given logits: embedding, rope,
-        final norm, lm_head); None: stop. (The routed experts report their own time.)"""
+        router) and each decode step's work outside its layers ("head", positions given logits: embedding,
+        rope, final norm, lm_head); None: stop. (The routed experts report their own time.)"""
         self.timings = sink
         for layer in self.model.layers:
             layer.timings = sink
@@ -96,10 +96,11 @@ class CausalLM(nn.Module):
         self._layers_s = time.perf_counter() - t
         return x
 
-    def _logits(self, h: torch.Tensor, since: float) -> torch.Tensor:
-        """lm_head of final-norm hidden states [..., D]; reports the step's time since `since` outside its layers."""
+    def _logits(self, h: torch.Tensor, since: float, decode: bool) -> torch.Tensor:
+        """lm_head of final-norm hidden states [..., D]; a decode step (one new token per sequence) reports its
+        time since `since` outside its layers (a prefill's grows with the prompt: not the op the model times)."""
         out = self.lm_head(h)
-        if self.timings is not None:
+        if self.timings is not None and decode:
             self.timings.append(("head", h.numel() // h.shape[-1], time.perf_counter() - since - self._layers_s))
         return out
 
@@ -145,7 +146,7 @@ class CausalLM(nn.Module):
         for (_, cache), n in zip(seqs, lengths):
             cache.advance(n)
         last = torch.tensor(lengths, device=device).cumsum(0) - 1  # [N]
-        return self._logits(self.model.norm(x[0, last]), since)
+        return self._logits(self.model.norm(x[0, last]), since, max(lengths) == 1)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache, last_only: bool = False) -> torch.Tensor:
         """Logits [B, T, V] (or [B, 1, V] with last_only) for tokens [B, T]."""
@@ -153,4 +154,4 @@ class CausalLM(nn.Module):
         h = self.hidden(tokens, cache)
         if last_only:
             h = h[:, -1:]
-        return self._logits(h, since)
+        return self._logits(h, since, tokens.shape[1] == 1)
