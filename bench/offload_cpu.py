@@ -620,8 +620,8 @@ def markdown(res: dict) -> str:
         f"each configuration the fastest of {res['repeats']} runs, each in a fresh worker (this VM's noise, up to "
         "2x between runs, only ever adds time).",
         f"Simulator: {res['simulator']['machine']}; replays {res['trace']} (recorded by the base run) with as many "
-        "experts in RAM as each run could hold. It times attention, routers, experts and each step's head (final "
-        "norm and lm_head), not the embedding, sampling or the engine's hand-offs between them."
+        "experts in RAM as each run could hold. It times attention layers (with their norms and routers), experts "
+        "and each step's head (embedding, final norm and lm_head), not sampling or the generate loop."
         + _refined(res['simulator'].get('moed_refined_from_base_run') or {}), ""]
     head = ["engine", "decode tok/s", "vs llama.cpp", "hit rate", "MiB read / token", "peak RSS / cap MiB",
             "measured ms/token", "simulated ms/token", "sim error"]
