@@ -403,7 +403,7 @@ def learn(machine: Machine, shape: ModelShape, run: dict) -> dict:
     """Refine a measured machine's cost model in place with what moed's engine observed in a run at BITS, as a
     serving daemon's is refined (nothing from a run at other bits): a flash read of an expert from the run's
     flash->RAM link busy time per transfer (the read, the checksums and making the compute form, at the
-    throughput its I/O threads reached side by side), and its decode steps' attention layers, heads (lm_head)
+    throughput its I/O threads reached side by side), and its decode steps' layers but their experts, heads
     and resident experts (CALIBRATE). Returns each op's prediction before and after, and how many timings."""
     if machine.cost is None or run.get("status", "ok") != "ok" or run.get("bits", BITS) != BITS:
         return {}
@@ -528,24 +528,25 @@ def run_budget(setup: Setup, share: float, base: dict, moed_budget: str, policie
     held = min(n_total, budget_bytes // moed_expert)
     llama = setup.run("llama.cpp", cap, f"{label}-llama")
     llama["simulator"] = compare(predict(trace, sims["llama.cpp"], "llamacpp", int(share * n_total)), llama)
-    runs = {}
-    for pol in policies:
-        r = runs[pol] = setup.run("moed", cap, f"{label}-{pol}", pol, budget)
-        sim = SIM_POLICY.get(pol)
-        r["simulator"] = compare(predict(trace, sims["moed"], sim, held, pol in READ_AHEAD) if sim else None, r,
-                                 f"the simulator has no {pol} policy")
-        r["learned"] = learn(sims["moed"], trace.header.model, r)  # after its own prediction: for the next runs
+
+    def moed(tag: str, policy: str, ram_budget: str | int, bits: int | str = BITS) -> dict:
+        """One moed run: predicted (where the simulator has its policy), then learned from, for the runs after."""
+        r = setup.run("moed", cap, f"{label}-{tag}", policy, ram_budget, bits=bits)
+        sim = SIM_POLICY.get(policy) if bits == BITS else None
+        r["simulator"] = compare(predict(trace, sims["moed"], sim, held, policy in READ_AHEAD) if sim else None, r,
+                                 f"the simulator has no {policy} policy")
+        r["learned"] = learn(sims["moed"], trace.header.model, r)
+        return r
+
+    runs = {pol: moed(pol, pol, budget) for pol in policies}
     for bits in extra_bits:  # moed's own policy at other bit-widths (the same store: a prefix of each expert)
-        r = runs[f"moed {bits}-bit"] = setup.run("moed", cap, f"{label}-moed-{bits}", "moed", budget, bits=bits)
-        r["simulator"] = compare(None, r, "the simulator has no moed policy")
+        runs[f"moed {bits}-bit"] = moed(f"moed-{bits}", "moed", budget, bits)
     for bits in [BITS] + extra_bits if fill and share < 1 else []:  # what the cap leaves, as llama.cpp's page cache
-        r = setup.run("moed", cap, f"{label}-moed-{bits}-fill", "moed", f"{fill:g}%free", bits=bits)
+        r = moed(f"moed-{bits}-fill", "moed", f"{fill:g}%free", bits)
         name = f"moed{'' if bits == BITS else f' {bits}-bit'} {fill:g}%free"
         if r["status"] == "ok":
             name += f" (room for {min(n_total, r['ram_budget'] // r['expert_bytes'])})"
         runs[name] = r
-        r["simulator"] = compare(None, r, "the simulator has no moed policy")
-        r["learned"] = learn(sims["moed"], trace.header.model, r)
     return {"share": share, "cap_bytes": cap, "moed_ram_budget": budget_bytes, "moed_experts_held": held,
             "llama.cpp": llama, "moed": runs}
 
@@ -585,7 +586,7 @@ def _cells(name: str, r: dict, llama_tps: float | None, cap: int | None, decode:
 def _refined(r: dict) -> str:
     if not r:
         return ""
-    names = {"read": "an expert's flash read", "attn": "an attention layer", "head": "the head (lm_head)",
+    names = {"read": "an expert's flash read", "attn": "a layer but its experts", "head": "a step's head",
              "expert": "a resident expert"}
     cells = [f"{names[k]} {v['before_s'] * 1e3:.2f} -> {v['after_s'] * 1e3:.2f} ms ({v['observed']} timings)"
              for k, v in r.items()]

@@ -20,9 +20,15 @@ TOKENIZER = "tokenizer.json"
 MAX_MANIFEST_BYTES = 256 << 20
 
 
+def running_checksum(buf, running: int = 0) -> int:
+    """The store's checksum (crc32) of what came before a buffer (`running`) and the buffer, as a number."""
+    return zlib.crc32(buf, running)
+
+
 def checksum(buf, running: int = 0) -> str:
-    """The store's checksum of a buffer (crc32, 8 hex digits); `running`: the crc32 of what came before it."""
-    return f"{zlib.crc32(buf, running) & 0xFFFFFFFF:08x}"
+    """The store's checksum of a buffer as the manifest writes it (8 hex digits); `running`: that of what came
+    before it (running_checksum)."""
+    return f"{running_checksum(buf, running) & 0xFFFFFFFF:08x}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import struct
-import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +13,8 @@ import torch
 
 from offload.errors import FormatError
 from offload.layout import ALIGN, MATRICES, ExpertLayout, section_name
-from offload.manifest import DENSE, EXPERTS, MANIFEST, TOKENIZER, ExpertExtent, Extent, FileEntry, Manifest, checksum
+from offload.manifest import (DENSE, EXPERTS, MANIFEST, TOKENIZER, ExpertExtent, Extent, FileEntry, Manifest, checksum,
+                              running_checksum)
 from offload.reader import CountingReader
 from quant.groups import GROUP_SIZES
 from quant.planes import PLANES
@@ -328,7 +328,7 @@ class TensorRows:
             raise ValueError(f"rows of a matrix not yet verified are read in order (asked {a}, next {self._next})")
         buf = self.reader.read(self.offset + a * self.row_bytes, (b - a) * self.row_bytes)
         if self._crc is not None:
-            self._crc, self._next = zlib.crc32(buf, self._crc), b
+            self._crc, self._next = running_checksum(buf, self._crc), b
             if b == self.shape[0]:
                 e = self.extent
                 _compare(checksum(b"", self._crc), e.checksum, f"extent {e.name}", self.path, e.offset, e.length)

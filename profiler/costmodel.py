@@ -31,7 +31,8 @@ from statistics import median
 
 FORMAT_VERSION = 1
 RECENT = 64  # observed (x, predicted, seconds) kept per op for error reports
-UNITS = {"ffn": "tokens", "attn": "positions", "h2d": "bytes", "flash": "bytes", "unpack": "bytes", "head": "positions"}
+UNITS = {"ffn": "tokens", "attn": "positions", "h2d": "bytes", "flash": "bytes", "unpack": "bytes",
+         "head": "positions"}
 FIT_QUANTILE = 0.25  # the per-size statistic the fit goes through
 MAX_LOG_CORRECTION = math.log(64.0)  # online refinement never moves a prediction more than 64x
 PRIOR = 1.0  # evidence (observations) at which a knot's own average and the op-wide gain weigh the same

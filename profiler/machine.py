@@ -68,8 +68,8 @@ class CostTimes:
             if int(op.split(":")[2]) != bits:
                 self.notes.append(f"{dev} experts at {bits} bits timed with {op} (no {bits}-bit kernel probed)")
         if shape.vocab and self._head_op() not in cost.curves:
-            self.notes.append("the step's head (final norm, lm_head) estimated from attention's time per weight "
-                              "until the engine times it")
+            self.notes.append("a step's head (embedding, final norm, lm_head) estimated from attention's time per "
+                              "weight until the engine times it")
 
     @staticmethod
     def _dev(device: str) -> str:
@@ -95,9 +95,9 @@ class CostTimes:
         """Refine the cost model with a timing the engine measured on this model; False if no op answers.
 
         kind: "expert" (x = tokens; seconds of one routed expert on the CPU at these bits), "attn" (x =
-        positions attended; seconds of one decode token's attention layer on the main device), "head" (x =
-        positions given logits; seconds of the final norm and lm_head), "read" (x = bytes read from flash) or
-        "form" (x = bytes of stored planes made into a compute form).
+        positions attended; seconds of one decode token's layer but its routed experts, on the main device),
+        "head" (x = positions given logits; seconds of a decode step outside its layers), "read" (x = bytes
+        read from flash) or "form" (x = bytes of stored planes made into a compute form).
         """
         try:
             if kind == "expert":
@@ -106,14 +106,13 @@ class CostTimes:
                 self.cost.observe(op, x, seconds * self._probed_params(op, params) / params)  # at the probed shape
             elif kind == "attn":  # x = positions attended after the step; one token's layer
                 op = self._attn_ops()[0]
-                self.cost.observe(op, x, seconds * self._attn_ref(op) / self.shape.attn_params)
+                self.cost.observe(op, x, seconds * self._attn_ref() / self.shape.attn_params)
             elif kind == "head":  # x = positions given logits
                 if not self.shape.vocab:
                     return False
-                op = self._head_op()
-                meta = self.cost.curves[op].meta if op in self.cost.curves else \
-                    {"hidden": self.shape.hidden, "vocab": self.shape.vocab}
-                self.cost.learn(op, x, seconds * meta["hidden"] * meta["vocab"] / self.shape.head_params, meta)
+                meta = self._head_meta()
+                self.cost.learn(self._head_op(), x, seconds * meta["hidden"] * meta["vocab"] / self.shape.head_params,
+                                meta)
             elif kind == "read":
                 self.cost.observe("flash:read", x, seconds)
             elif kind == "form":
@@ -149,35 +148,39 @@ class CostTimes:
             raise UnknownOp(f"the machine profile has no attention timings for {dev}")
         return ops
 
-    def _attn_ref(self, op: str) -> int:
-        """Projection weights of the attention layer `op` was probed on."""
-        meta = self.cost.curve(op).meta
+    def _attn_ref(self) -> int:
+        """Projection weights of the attention layer the main device's attention ops were probed on."""
+        meta = self.cost.curve(self._attn_ops()[0]).meta
         return meta["hidden"] * meta["head_dim"] * (2 * meta["heads"] + 2 * meta["kv_heads"]) \
             if meta.get("hidden") else self.shape.attn_params
 
     def _head_op(self) -> str:
         return f"head:{self._dev(self.main)}"
 
+    def _head_meta(self) -> dict:
+        """The shape the head op's timings are at: its curve's, or this model's before it has one."""
+        op = self._head_op()
+        return self.cost.curve(op).meta if op in self.cost.curves else \
+            {"hidden": self.shape.hidden, "vocab": self.shape.vocab}
+
     def attention(self, tokens: int, context: int) -> float:
         """Seconds for one attention layer (and router) for `tokens` new tokens over `context` positions."""
         key = ("attn", tokens, context)
         if key not in self._memo:
-            ops = self._attn_ops()
             t = self.cost.attention(self._dev(self.main), tokens, context + tokens)
-            self._memo[key] = t * self.shape.attn_params / self._attn_ref(ops[0])
+            self._memo[key] = t * self.shape.attn_params / self._attn_ref()
         return self._memo[key]
 
     def head(self, tokens: int) -> float:
-        """Seconds for a step's head on the main device: the final norm and the output projection for
-        `tokens` positions (0 when the shape has no vocabulary size); until the engine has timed it, attention's
-        time per projection weight at no context."""
+        """Seconds for a step's head on the main device, its work outside the layers (embedding, final norm,
+        the output projection) for `tokens` positions (0 when the shape has no vocabulary size); until the
+        engine has timed it, attention's time per projection weight at no context."""
         if not self.shape.vocab:
             return 0.0
         key = ("head", tokens)
         if key not in self._memo:
-            op = self._head_op()
+            op, meta = self._head_op(), self._head_meta()
             if op in self.cost.curves:
-                meta = self.cost.curve(op).meta
                 t = self.cost.predict(op, tokens) * self.shape.head_params / (meta["hidden"] * meta["vocab"])
             else:
                 t = self.attention(tokens, 0) * self.shape.head_params / self.shape.attn_params

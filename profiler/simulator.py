@@ -9,8 +9,9 @@ the routing is known. The shared expert runs on the main device before its route
 and CPU work at the same time unless the policy says they take turns (`overlap = False`,
 llama.cpp). On unified memory both budgets form one pool
 that serves GPU and CPU without copies. Prefetches a policy issues go on the links after the layer's own fetches. The
-layer ends when its last expert ends. A step ends with its head (final norm and lm_head, for the one
-position whose next token it samples: traces are of one sequence) on the main device.
+layer ends when its last expert ends. A step ends with its head (its work outside the layers: embedding,
+final norm, lm_head for the one position whose next token it samples: traces are of one sequence) on
+the main device.
 
 Lower bound of the same work: the heads, and per layer, attention plus the best split of the layer's experts
 between GPU and CPU with every expert resident in both memories and no transfer on the
@@ -52,7 +53,8 @@ class OpTimes(Protocol):
         """One attention layer and router for `tokens` new tokens after `context` positions."""
 
     def head(self, tokens: int) -> float:
-        """A step's final norm and output projection (lm_head) for `tokens` positions, on the main device."""
+        """A step's work outside its layers (embedding, final norm, lm_head for `tokens` positions), on the main
+        device."""
 
     def h2d(self, nbytes: int) -> float:
         """A copy of nbytes from RAM into VRAM."""
