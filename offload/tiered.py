@@ -605,10 +605,14 @@ class LayerExperts:
                 h = None  # (each streamed expert's form is freed once it has run and is not kept)
             for part in parts:
                 ran.update(part.result() if isinstance(part, Future) else part)
-            out = torch.zeros_like(x)
-            for e, tok, wt in groups:  # ascending expert id, wherever each ran
-                y = ran[e] if e in ran else done[e].result() if isinstance(done[e], Future) else done[e]
-                scatter_add(out, tok, y.to(device=x.device, dtype=x.dtype) * wt[:, None])
+            ys = [(ran[e] if e in ran else done[e].result() if isinstance(done[e], Future) else done[e])
+                  .to(device=x.device, dtype=x.dtype) for e, _, _ in groups]
+            if x.shape[0] == 1:  # one token: its k outputs weighted and summed as one product, not k adds
+                out = torch.mm(torch.cat([wt for _, _, wt in groups])[None], torch.cat(ys))
+            else:
+                out = torch.zeros_like(x)
+                for (_, tok, wt), y in zip(groups, ys):  # ascending expert id, wherever each ran
+                    scatter_add(out, tok, y * wt[:, None])
             if ram and not missing and not accel:  # the CPU's experts alone: the layer's expert work per expert
                 p.timings.append(("expert", sum(counts[e] for e in ram) / len(ram),
                                   (time.perf_counter() - t_enter) / len(ram)))
