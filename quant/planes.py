@@ -1,19 +1,24 @@
 """Bit-planes of 8-bit codes, most significant plane first, 8 codes per byte, first code in the high bit.
 
-Packing and unpacking are bit-matrix transposes in numpy on little-endian uint64 words. Row k of an [8, W]
-array holds plane k (r planes to unpack go in rows 8 - r..7), so column w holds the planes of codes
-64w..64w+63. Name a bit of a column (row, byte, bit), 3 bits each, byte and bit counted in the word's value:
-the bit at (k, b, q) is bit 7 - k of code 8b + 7 - q, which belongs at (b, 7 - q, 7 - k) once word b holds
-codes 8b..8b+7 as bytes. Two field swaps of three delta swaps (mask, shift, xor) each make that rotation,
-and one [8, W] -> [W, 8] copy puts the words in order.
+Packing and unpacking are bit-matrix transposes. Unpacking, on every expert read from flash, runs in
+quant/native.c where that could be built (5x faster), else in numpy like packing. In numpy they work on
+little-endian uint64 words. Row k of an [8, W] array holds plane k (r planes to unpack go in rows
+8 - r..7), so column w holds the planes of codes 64w..64w+63. Name a bit of a column (row, byte, bit), 3
+bits each, byte and bit counted in the word's value: the bit at (k, b, q) is bit 7 - k of code 8b + 7 - q,
+which belongs at (b, 7 - q, 7 - k) once word b holds codes 8b..8b+7 as bytes. Two field swaps of three
+delta swaps (mask, shift, xor) each make that rotation, and one [8, W] -> [W, 8] copy puts the words in
+order.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 import numpy as np
 import torch
+
+from quant import native
 
 PLANES = 8
 
@@ -112,23 +117,28 @@ def pack_planes(codes: torch.Tensor, planes: int = PLANES) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x.view(np.uint8)[:planes, :nbytes]))
 
 
-def unpack_planes(planes: torch.Tensor | np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
-    """The first r planes [r, numel/8] -> codes of r bits (the 8-bit code >> (8 - r)) of `shape`."""
-    p = planes.numpy() if isinstance(planes, torch.Tensor) else np.asarray(planes)
-    r = p.shape[0]
+def unpack_planes(planes: torch.Tensor | np.ndarray | Sequence, shape: tuple[int, ...]) -> torch.Tensor:
+    """The first r planes ([r, numel/8], or r arrays of numel/8) -> codes of r bits (the 8-bit code >> (8 - r))
+    of `shape`."""
+    rows = [x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x) for x in planes]
+    r = len(rows)
     numel = int(np.prod(shape)) if shape else 1
-    if not 1 <= r <= PLANES or p.ndim != 2 or p.shape[1] != plane_nbytes(numel):
-        raise ValueError(f"planes of shape {p.shape} do not hold codes of shape {tuple(shape)}")
-    if p.dtype != np.uint8:
-        raise TypeError(f"planes must be uint8, got {p.dtype}")
+    nbytes = plane_nbytes(numel)
+    if not 1 <= r <= PLANES or any(x.shape != (nbytes,) for x in rows):
+        raise ValueError(f"planes of shape {[x.shape for x in rows]} do not hold codes of shape {tuple(shape)}")
+    if any(x.dtype != np.uint8 for x in rows):
+        raise TypeError(f"planes must be uint8, got {rows[0].dtype if rows[0].dtype != np.uint8 else rows[-1].dtype}")
     if r == 1:
-        return torch.from_numpy(np.unpackbits(p[0], bitorder="big")).reshape(shape)
-    nbytes = p.shape[1]
+        return torch.from_numpy(np.unpackbits(rows[0], bitorder="big")).reshape(shape)
+    out = np.empty(numel, dtype=np.uint8)
+    if native.unpack_planes([np.ascontiguousarray(x) for x in rows], out):  # quant/native.c where it is built
+        return torch.from_numpy(out).reshape(shape)
     w = -(-nbytes // 8)
     x, tmp = _scratch(w)  # plane i in row 8 - r + i: the r-bit code's bit r-1-i is bit 7-row
     z = PLANES - r  # rows below z stand for zeros (left unset)
     xb = x.view(np.uint8)
-    xb[z:, :nbytes] = p
+    for i, row in enumerate(rows):
+        xb[z + i, :nbytes] = row
     xb[z:, nbytes:] = 0
     if r > 4:  # (row, byte, bit) -> (~bit, byte, ~row) -> (byte, ~bit, ~row)
         for d, s, m in _ROW_BIT:

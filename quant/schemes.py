@@ -29,7 +29,7 @@ class Encoded:
     shape: tuple[int, int]
     group: int
     head: torch.Tensor  # [h, N, K/G] PARAM_DTYPE: params every view needs
-    planes: torch.Tensor  # [p, N*K/8] uint8, most significant (or base) first
+    planes: torch.Tensor | tuple[torch.Tensor, ...]  # [p, N*K/8] uint8 (or p such rows), most significant first
     plane_params: tuple[torch.Tensor, ...]  # per plane [q_i, N, K/G] PARAM_DTYPE (q_i may be 0)
 
     def head_bytes(self) -> bytes:
@@ -83,8 +83,7 @@ class Scheme:
             q = self.plane_params(i)
             params.append(torch.from_numpy(_array(buf, np.float16, q * n * ng, 0).reshape(q, n, ng)))
             bits.append(_array(buf, np.uint8, plane_nbytes(n * k), q * n * ng * PARAM_BYTES))
-        stacked = torch.from_numpy(np.stack(bits)) if bits else torch.empty(0, n * k // 8, dtype=torch.uint8)
-        return Encoded(shape, group, torch.from_numpy(h), stacked, tuple(params))
+        return Encoded(shape, group, torch.from_numpy(h), tuple(torch.from_numpy(b) for b in bits), tuple(params))
 
     def roundtrip(self, w: torch.Tensor, group: int, bits: int) -> torch.Tensor:
         """w encoded and read back at `bits` bits (float32)."""
@@ -92,8 +91,8 @@ class Scheme:
 
     @staticmethod
     def _check(enc: Encoded, bits: int) -> None:
-        if not 1 <= bits <= min(PLANES, enc.planes.shape[0]):
-            raise ValueError(f"a {bits}-bit view needs {bits} planes; {enc.planes.shape[0]} are loaded")
+        if not 1 <= bits <= min(PLANES, len(enc.planes)):
+            raise ValueError(f"a {bits}-bit view needs {bits} planes; {len(enc.planes)} are loaded")
 
 
 class MSB(Scheme, name="msb"):

@@ -147,3 +147,48 @@ def test_unpack_rejects_mismatched_shapes():
         pack_planes(torch.zeros(7, dtype=torch.uint8))
     with pytest.raises(TypeError):
         unpack_planes(torch.zeros(2, 1, dtype=torch.int8), (8,))
+
+
+def test_native_unpack_builds_where_there_is_a_compiler():
+    """quant/native.c is built and loaded on any machine with a C compiler (CI's has one: it builds llama.cpp)."""
+    import shutil
+
+    from quant import native
+    if not (shutil.which("cc") or shutil.which("gcc")) or not native.enabled():
+        pytest.skip("no C compiler, or MOED_NATIVE=0")
+    assert native.library() is not None
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 300), st.integers(1, 8), st.integers(0, 2**31 - 1))
+def test_native_and_numpy_unpack_agree_bit_for_bit(n8, r, seed):
+    """The native transpose and its numpy twin give the same codes for every r and length."""
+    from quant import native
+    q = np.random.default_rng(seed).integers(0, 256, size=8 * n8, dtype=np.uint8)
+    planes = pack_planes(torch.from_numpy(q))[:r]
+    out = np.full(q.size, 0xAA, dtype=np.uint8)
+    if not native.unpack_planes([np.ascontiguousarray(p) for p in planes.numpy()], out):
+        pytest.skip("native helpers unavailable here")
+    orig = native.unpack_planes
+    try:
+        native.unpack_planes = lambda *a: False  # the numpy path of unpack_planes
+        numpy_codes = unpack_planes(planes, (q.size,))
+    finally:
+        native.unpack_planes = orig
+    assert np.array_equal(out, q >> (8 - r)) and np.array_equal(numpy_codes.numpy(), out)
+
+
+def test_native_disabled_or_unbuildable_falls_back_with_a_clear_error(tmp_path, monkeypatch):
+    from quant import native
+    monkeypatch.setenv("CC", "/bin/false")
+    with pytest.raises(RuntimeError, match="/bin/false failed"):
+        native.build(tmp_path)
+    assert not list(tmp_path.iterdir())  # no partial library left behind
+    monkeypatch.setenv("MOED_NATIVE", "0")
+    native.library.cache_clear()
+    try:
+        assert native.library() is None
+        q = torch.arange(64, dtype=torch.uint8)
+        assert torch.equal(unpack_planes(pack_planes(q)[:5], (64,)), q >> 3)  # numpy's path
+    finally:
+        native.library.cache_clear()
