@@ -49,3 +49,174 @@ void moed_unpack_planes(const uint8_t *const *planes, int r, int64_t n, uint8_t 
     default: unpack_r(planes, 8, n, out); break;
     }
 }
+
+/* ---- int8 matrix products on the store's codes (quant/kernels/native.py) ----
+ *
+ * A matrix w[n, k] = s[n, g] * c[n, k] + z[n, g] (g = k / G; codes c of b <= 8 bits) is held as centred codes
+ * c - 2^(b-1) (int8), in blocks of 16 rows: block b is K/4 runs of 64 bytes, run j holding codes 4j..4j+3 of
+ * rows 16b..16b+15 (row after row), so that one 64-byte load feeds 16 rows' dot products with four values
+ * of x. Per-group parameters are held as [blocks][K/G][16] floats: scale s, offset z + s * 2^(b-1), and
+ * 128 * the group's sum of centred codes. Rows past N are zero. x is quantised per group of G to int8
+ * (x ~ dx * xq, dx = max|x| / 127) and shifted to unsigned (xq + 128) for the u8 x s8 dot product, whose
+ * excess is the stored 128 * sum; centring keeps the activations' rounding off the codes' middle, as
+ * onnxruntime's MatMulNBits with its zero point at the middle (accuracy level 4) does. Offsets use the
+ * exact group sums of x.
+ */
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+#include <immintrin.h>
+#define MOED_VNNI 1
+#else
+#define MOED_VNNI 0
+#endif
+#include <math.h>
+#include <stdlib.h>
+
+int moed_has_vnni(void) { return MOED_VNNI; }
+
+/* Bytes x - y (mod 256) of two words, byte by byte (no borrow across bytes). */
+static inline uint32_t bytes_sub(uint32_t x, uint32_t y) {
+    const uint32_t H = 0x80808080u;
+    return ((x | H) - (y & ~H)) ^ ((x ^ ~y) & H);
+}
+
+/* codes [n, k] (b-bit, mid = 2^(b-1)) -> centred, interleaved codes and 128 * each group's sum of them */
+void moed_interleave(const uint8_t *codes, int64_t n, int64_t k, int G, int mid, uint8_t *out, float *excess) {
+    const int64_t blocks = (n + 15) / 16, ng = k / G;
+    const uint32_t mids = 0x01010101u * (uint32_t)mid;
+    for (int64_t b = 0; b < blocks; b++)
+        for (int r = 0; r < 16; r++) {
+            const int64_t row = 16 * b + r;
+            uint8_t *dst = out + b * 16 * k + 4 * r;
+            float *ex = excess + b * ng * 16 + r;
+            if (row >= n) {  /* padding rows: zero codes, zero excess */
+                for (int64_t j = 0; j < k / 4; j++) memset(dst + 64 * j, 0, 4);
+                for (int64_t g = 0; g < ng; g++) ex[16 * g] = 0.f;
+                continue;
+            }
+            const uint8_t *src = codes + row * k;
+            for (int64_t j = 0; j < k / 4; j++) {
+                uint32_t v;
+                memcpy(&v, src + 4 * j, 4);
+                v = bytes_sub(v, mids);
+                memcpy(dst + 64 * j, &v, 4);
+            }
+            for (int64_t g = 0; g < ng; g++) {
+                int32_t sum = 0;
+                for (int j = 0; j < G; j++) sum += src[g * G + j];
+                ex[16 * g] = 128.f * (float)(sum - G * mid);
+            }
+        }
+}
+
+void moed_interleave_params(const float *p, int64_t n, int64_t ng, float *out) {
+    const int64_t blocks = (n + 15) / 16;
+    for (int64_t b = 0; b < blocks; b++)
+        for (int64_t g = 0; g < ng; g++)
+            for (int r = 0; r < 16; r++) {
+                const int64_t row = 16 * b + r;
+                out[(b * ng + g) * 16 + r] = row < n ? p[row * ng + g] : 0.f;
+            }
+}
+
+/* x [t, K] -> xu [t, K] = quantised x + 128 (uint8), dx and xs [t, K/G] */
+static void quantise_x(const float *x, int t, int64_t k, int G, uint8_t *xu, float *dx, float *xs) {
+    const int64_t ng = k / G;
+    for (int64_t i = 0; i < t * ng; i++) {
+        const float *v = x + i * G;
+        float amax = 0.f, sum = 0.f;
+        for (int j = 0; j < G; j++) {
+            amax = fmaxf(amax, fabsf(v[j]));
+            sum += v[j];
+        }
+        const float inv = amax > 0.f ? 127.f / amax : 0.f;
+        for (int j = 0; j < G; j++) xu[i * G + j] = (uint8_t)(lrintf(v[j] * inv) + 128);
+        dx[i] = amax / 127.f;
+        xs[i] = sum;
+    }
+}
+
+/* Row blocks b0..b1-1 of y[t, n] (row stride ldy) = or += quantised x . w^T */
+static void qgemm_blocks(const uint8_t *xu, const float *dx, const float *xs, int t, const int8_t *w,
+                         const float *s, const float *z, const float *e, int64_t n, int64_t k, int G, int64_t b0,
+                         int64_t b1, float *y, int64_t ldy, int accumulate) {
+    const int64_t ng = k / G;
+    for (int64_t b = b0; b < b1; b++) {
+        const int8_t *wb = w + b * 16 * k;
+        const int rows = n - 16 * b < 16 ? (int)(n - 16 * b) : 16;
+        for (int i = 0; i < t; i++) {
+            const uint8_t *xr = xu + (int64_t)i * k;
+            float out[16];
+#if MOED_VNNI
+            __m512 acc_f = _mm512_setzero_ps();
+            for (int64_t g = 0; g < ng; g++) {
+                __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+                const int8_t *wg = wb + g * G * 16;
+                const uint8_t *xg = xr + g * G;
+                for (int j = 0; j < G / 4; j += 2) {
+                    int32_t x0, x1;
+                    memcpy(&x0, xg + 4 * j, 4);
+                    memcpy(&x1, xg + 4 * j + 4, 4);
+                    a0 = _mm512_dpbusd_epi32(a0, _mm512_set1_epi32(x0), _mm512_loadu_si512(wg + 64 * j));
+                    a1 = _mm512_dpbusd_epi32(a1, _mm512_set1_epi32(x1), _mm512_loadu_si512(wg + 64 * j + 64));
+                }
+                const int64_t at = (b * ng + g) * 16;
+                const __m512 dot = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1)), _mm512_loadu_ps(e + at));
+                acc_f = _mm512_fmadd_ps(dot, _mm512_mul_ps(_mm512_loadu_ps(s + at),
+                                        _mm512_set1_ps(dx[(int64_t)i * ng + g])), acc_f);
+                acc_f = _mm512_fmadd_ps(_mm512_loadu_ps(z + at), _mm512_set1_ps(xs[(int64_t)i * ng + g]), acc_f);
+            }
+            _mm512_storeu_ps(out, acc_f);
+#else
+            for (int r = 0; r < 16; r++) out[r] = 0.f;
+            for (int64_t g = 0; g < ng; g++) {
+                int32_t acc[16] = {0};
+                const int8_t *wg = wb + g * G * 16;
+                const uint8_t *xg = xr + g * G;
+                for (int j = 0; j < G / 4; j++)
+                    for (int r = 0; r < 16; r++)
+                        for (int q = 0; q < 4; q++) acc[r] += (int32_t)wg[64 * j + 4 * r + q] * (int32_t)xg[4 * j + q];
+                const int64_t at = (b * ng + g) * 16;
+                const float d = dx[(int64_t)i * ng + g], sum = xs[(int64_t)i * ng + g];
+                for (int r = 0; r < 16; r++) out[r] += ((float)acc[r] - e[at + r]) * s[at + r] * d + z[at + r] * sum;
+            }
+#endif
+            float *yr = y + (int64_t)i * ldy + 16 * b;
+            for (int r = 0; r < rows; r++) yr[r] = accumulate ? yr[r] + out[r] : out[r];
+        }
+    }
+}
+
+/* y[t, n] (row stride ldy) = (or += with accumulate) x[t, k] . w^T over row blocks b0..b1-1; w, s, z, e as
+ * moed_interleave / moed_interleave_params make them. */
+void moed_qgemm(const float *x, int t, const int8_t *w, const float *s, const float *z, const float *e, int64_t n,
+                int64_t k, int G, int64_t b0, int64_t b1, float *y, int64_t ldy, int accumulate) {
+    const int64_t ng = k / G;
+    uint8_t *xu = malloc((size_t)(t * k));
+    float *dx = malloc(sizeof(float) * (size_t)(2 * t * ng));
+    quantise_x(x, t, k, G, xu, dx, dx + t * ng);
+    qgemm_blocks(xu, dx, dx + t * ng, t, w, s, z, e, n, k, G, b0, b1, y, ldy, accumulate);
+    free(xu);
+    free(dx);
+}
+
+static float act_fn(float v, int act) {
+    switch (act) {
+    case 1: return 0.5f * v * (1.f + erff(v * 0.70710678118654752f)); /* gelu (erf) */
+    case 2: return v > 0.f ? v : 0.f;                                   /* relu */
+    default: return v / (1.f + expf(-v));                               /* silu */
+    }
+}
+
+/* An expert FFN y[t, d] = down(act(gate x) * up x): gate and up [f, d], down [d, f], each (w, s, z, e, G). */
+void moed_ffn(const float *x, int t, int64_t d, int64_t f, int act,
+              const int8_t *wg, const float *sg, const float *zg, const float *eg, int Gg,
+              const int8_t *wu, const float *su, const float *zu, const float *eu, int Gu,
+              const int8_t *wd, const float *sd, const float *zd, const float *ed, int Gd, float *y) {
+    float *h = malloc(sizeof(float) * (size_t)(2 * t * f));
+    float *u = h + t * f;
+    moed_qgemm(x, t, wg, sg, zg, eg, f, d, Gg, 0, (f + 15) / 16, h, f, 0);
+    moed_qgemm(x, t, wu, su, zu, eu, f, d, Gu, 0, (f + 15) / 16, u, f, 0);
+    for (int64_t i = 0; i < t * f; i++) h[i] = act_fn(h[i], act) * u[i];
+    moed_qgemm(h, t, wd, sd, zd, ed, d, f, Gd, 0, (d + 15) / 16, y, d, 0);
+    free(h);
+}

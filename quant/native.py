@@ -1,10 +1,11 @@
-"""Native helpers for the hot paths numpy does in many passes: quant/native.c, compiled on first use.
+"""Native helpers for hot paths: quant/native.c (bit-plane unpacking, int8 kernels), compiled on first use.
 
 The source is built with the system's C compiler (`$CC`, else cc) for this CPU into moed's cache
 ($CACHE_DIRECTORY/native under systemd, else $XDG_CACHE_HOME/moed/native, else ~/.cache/moed/native; one file
 per source and CPU) and loaded with ctypes.
-Where there is no compiler, the build fails, or MOED_NATIVE=0, `library()` is None and callers use their
-numpy twins (the same results, bit for bit; tests compare them).
+Where there is no compiler, the build fails, or MOED_NATIVE=0, `library()` is None: unpacking then uses
+its numpy twin (the same codes, bit for bit; tests compare them) and the "native" kernel backend is
+unavailable.
 """
 
 from __future__ import annotations
@@ -56,11 +57,12 @@ def _cpu_key() -> str:
     return platform.machine() + flags
 
 
-def build(out_dir: Path | None = None) -> Path:
-    """Compile native.c for this CPU (once per source and CPU: an existing build is reused); its path.
-    Raises RuntimeError with the compiler's message when it cannot be built."""
+def build(out_dir: Path | None = None, extra: tuple[str, ...] = ()) -> Path:
+    """Compile native.c for this CPU (once per source, flags and CPU: an existing build is reused), with
+    `extra` compiler flags; its path. Raises RuntimeError with the compiler's message when it cannot be built."""
     src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join(FLAGS).encode() + _cpu_key().encode()).hexdigest()[:16]
+    flags = (*FLAGS, *extra)
+    key = hashlib.sha256(src + " ".join(flags).encode() + _cpu_key().encode()).hexdigest()[:16]
     out_dir = out_dir or cache_dir()
     lib = out_dir / f"moed-native-{key}.so"
     if lib.exists():
@@ -72,7 +74,7 @@ def build(out_dir: Path | None = None) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
     os.close(fd)
     try:
-        r = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+        r = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             raise RuntimeError(f"{cc} failed: {(r.stderr or r.stdout).strip()[-2000:]}")
         os.replace(tmp, lib)  # atomic: another process building the same file at once finds a whole one
@@ -93,9 +95,23 @@ def library() -> ctypes.CDLL | None:
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             log.warning("native helpers unavailable, using numpy: %s", e)
             return None
-    lib.moed_unpack_planes.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int64,
-                                       ctypes.c_void_p]
-    lib.moed_unpack_planes.restype = None
+    return bind(lib)
+
+
+def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """lib with its functions' argument and result types declared (ctypes checks calls against them)."""
+    P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
+    signatures = {
+        "moed_unpack_planes": [ctypes.POINTER(P), I, L, P],
+        "moed_interleave": [P, L, L, I, I, P, P],
+        "moed_interleave_params": [P, L, L, P],
+        "moed_qgemm": [P, I, P, P, P, P, L, L, I, L, L, P, L, I],
+        "moed_ffn": [P, I, L, L, I] + [P, P, P, P, I] * 3 + [P],
+    }
+    for name, argtypes in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
+    lib.moed_has_vnni.argtypes, lib.moed_has_vnni.restype = [], I
     return lib
 
 

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import threading
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -27,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from quant.kernels.base import Backend, PreparedExpert, activation
+from quant.kernels.base import PooledBackend, PreparedExpert, activation
 from quant.views import AffineTerm, ExpertViews, QuantView
 
 ORT_BITS = (2, 4, 8)
@@ -56,7 +54,7 @@ class OrtMatrix:
     nbytes: int
 
 
-class OnnxRuntime(Backend, name="onnxruntime"):
+class OnnxRuntime(PooledBackend, name="onnxruntime"):
     """MatMulNBits (MLAS) on the CPU: single-threaded sessions, run side by side on `threads` workers.
 
     One thread per session, with callers running independent sessions at the same time (experts of a
@@ -65,21 +63,9 @@ class OnnxRuntime(Backend, name="onnxruntime"):
     OLMoE-shaped experts, 2 cores: 0.25 ms per expert side by side vs 0.47 ms on a 2-thread pool).
     """
 
-    concurrent = True
-
     def __init__(self, accuracy_level: int = 4, threads: int | None = None) -> None:
+        super().__init__(threads)
         self.accuracy_level = accuracy_level
-        self.threads = threads or torch.get_num_threads()
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_lock = threading.Lock()
-
-    @property
-    def pool(self) -> ThreadPoolExecutor:
-        """The workers that run sessions side by side (created on first use)."""
-        with self._pool_lock:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="moed-ort")
-            return self._pool
 
     @classmethod
     def available(cls) -> bool:
@@ -126,21 +112,7 @@ class OnnxRuntime(Backend, name="onnxruntime"):
             return torch.from_numpy(form.session.run(None, feed)[0])
         if len(form.parts) == 1:
             return torch.from_numpy(form.parts[0].session.run(None, feed)[0])
-        # the blocks dealt into `threads` runs of consecutive blocks: the caller runs the last itself while
-        # threads - 1 workers run the others (one thread per core: a third thread on two cores made lm_head
-        # 4.1 ms instead of 3.0)
-        n = min(self.threads, len(form.parts))
-        edges = [len(form.parts) * i // n for i in range(n + 1)]
-        runs = [form.parts[a:b] for a, b in zip(edges, edges[1:])]
-        futures = [self.pool.submit(_run_blocks, r, feed) for r in runs[:-1]]
-        last = _run_blocks(runs[-1], feed)
-        return torch.from_numpy(np.concatenate([y for f in futures for y in f.result()] + last, axis=1))
-
-    def close(self) -> None:
-        with self._pool_lock:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
+        return torch.from_numpy(np.concatenate(self.split(lambda p: p.session.run(None, feed)[0], form.parts), axis=1))
 
     def form_nbytes(self, form: OrtExpert | OrtMatrix) -> int:
         return form.nbytes
@@ -162,11 +134,6 @@ class OnnxRuntime(Backend, name="onnxruntime"):
         so.add_external_initializers(list(names), [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
         sess = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
         return OrtExpert(sess, _held_nbytes(mats, arrays, self.accuracy_level))
-
-
-def _run_blocks(parts: tuple[OrtExpert, ...], feed: dict) -> list[np.ndarray]:
-    """Each block's session on feed, one after another: their outputs."""
-    return [p.session.run(None, feed)[0] for p in parts]
 
 
 def _rows(view: QuantView, a: int, b: int) -> QuantView:

@@ -3,7 +3,8 @@
 Tolerance = relative L2 error of the FFN output, ||y - y_ref|| / ||y_ref||, stated per backend and
 bit-width below. Where they come from: torch's CPU int4/int8 kernels take bfloat16 activations and
 scales (bfloat16 alone costs ~5e-3 on this FFN); onnxruntime at accuracy_level 4 quantises activations
-to int8 per block (~2-3e-2 measured); at accuracy_level 0 it stays in float32; CUDA runs float16.
+to int8 per block (~2-3e-2 measured), and so does moed's native kernel, with the same arithmetic; at
+accuracy_level 0 onnxruntime stays in float32; CUDA runs float16.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ BITS = range(1, 9)
 TOLERANCE: dict[str, dict[int, float]] = {
     "torch": {r: (2e-2 if r <= 4 else 1.5e-2) for r in BITS},
     "onnxruntime": {r: 5e-2 for r in BITS},
+    "native": {r: 5e-2 for r in BITS},
     "onnxruntime-fp32": {r: 1e-5 for r in BITS},
     "cuda": {r: 1e-2 for r in BITS},
 }
@@ -60,13 +62,13 @@ def check(key: str, name: str, bits: int, group: int, act: str, tokens: int) -> 
 @pytest.mark.cpu
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("name", ["msb", "residual"])
-@pytest.mark.parametrize("key", ["torch", "onnxruntime", "onnxruntime-fp32"])
+@pytest.mark.parametrize("key", ["torch", "onnxruntime", "onnxruntime-fp32", "native"])
 def test_cpu_backend_ffn_matches_reference(key, name, bits):
     check(key, name, bits, 128, "silu", tokens=5)
 
 
 @pytest.mark.cpu
-@pytest.mark.parametrize("key", ["torch", "onnxruntime", "onnxruntime-fp32"])
+@pytest.mark.parametrize("key", ["torch", "onnxruntime", "onnxruntime-fp32", "native"])
 @pytest.mark.parametrize("act,group,tokens", [("gelu", 32, 1), ("relu", 64, 9), ("silu", 32, 1)])
 def test_cpu_backend_other_activations_groups_and_batches(key, act, group, tokens):
     for bits in (8, 4, 2):
@@ -103,7 +105,7 @@ def test_torch_backend_pads_rows_to_its_kernel_multiple():
 
 
 def test_backends_register_by_name():
-    assert {"reference", "torch", "onnxruntime", "cuda"} <= set(backend_names())
+    assert {"reference", "torch", "onnxruntime", "native", "cuda"} <= set(backend_names())
     assert "reference" in available_backends()
     with pytest.raises(ValueError, match="unknown kernel backend"):
         get_backend("nope")
@@ -113,10 +115,12 @@ def test_backends_register_by_name():
 
 
 @pytest.mark.cpu
-def test_onnxruntime_expert_keeps_no_reference_to_its_views():
-    """Experts of one shape share a cached graph; each session owns its weights (ORT copies and packs
-    them), so the views' buffers may be reused or freed once prepared."""
-    b = backend("onnxruntime")
+@pytest.mark.parametrize("key", ["onnxruntime", "native"])
+def test_cpu_expert_keeps_no_reference_to_its_views(key):
+    """An expert's compute form owns its weights (onnxruntime: sessions of one shape share a cached graph,
+    each copies and packs its weights; native: codes regrouped into new arrays), so the views' buffers may
+    be reused or freed once prepared."""
+    b = backend(key)
     x = torch.randn(3, D, generator=torch.Generator().manual_seed(7))
     ref = get_backend("reference")
     views = [expert("msb", 8, 128, seed=s) for s in (1, 2)]
@@ -129,12 +133,13 @@ def test_onnxruntime_expert_keeps_no_reference_to_its_views():
                 t.scale.fill_(1.0)
                 t.zero.fill_(0.0)
     for f, w in zip(forms, want):
-        assert rel_err(b.ffn(x, f), w) <= TOLERANCE["onnxruntime"][8]
+        assert rel_err(b.ffn(x, f), w) <= TOLERANCE[key][8]
 
 
 def test_shared_instances_and_fastest_cpu_backend():
     assert get_backend("reference") is get_backend("reference")  # one set of workers per process
-    assert fast_cpu_backend() == ("onnxruntime" if "onnxruntime" in available_backends() else "torch")
+    have = available_backends()
+    assert fast_cpu_backend() == next(b for b in ("native", "onnxruntime", "torch") if b in have)
 
 
 @pytest.mark.parametrize("bits", [8, 4, 3])
@@ -156,3 +161,54 @@ def test_onnxruntime_splits_a_dense_matrix_over_its_workers(bits):
     finally:
         one.close()
         two.close()
+
+
+@pytest.mark.parametrize("bits", [8, 5, 2])
+def test_native_splits_a_large_matrix_over_its_workers(bits):
+    """A matrix of SPLIT_CODES or more runs as row blocks on the workers; rows past a multiple of 16 are
+    padding. Each row is computed alone, so one worker and two give the same output bit for bit."""
+    if "native" not in available_backends():
+        pytest.skip("the native kernels are not built here")
+    from quant.kernels.native import SPLIT_CODES
+    g = torch.Generator().manual_seed(bits)
+    s = scheme("msb")
+    n, k = 1000, 4352  # 1000 rows: not a multiple of 16
+    assert n * k >= SPLIT_CODES
+    view = s.view(s.encode(torch.randn(n, k, generator=g), 128), bits)
+    x = torch.randn(3, k, generator=g)
+    one, two = get_backend("native", threads=1), get_backend("native", threads=2)
+    try:
+        form = one.prepare(view)
+        y1, y2 = one.linear(x, form), two.linear(x, form)
+        assert y2.shape == (3, n) and torch.equal(y1, y2)
+        assert rel_err(y2, x @ view.dequantize().T) < TOLERANCE["native"][bits]
+    finally:
+        one.close()
+        two.close()
+
+
+def test_native_plain_c_path_computes_what_the_vnni_path_does(tmp_path):
+    """The kernels' plain-C loops (CPUs without AVX512-VNNI) against the vector path, where this CPU has it:
+    the same integer dot products, the float steps in another order (within 1e-5)."""
+    import ctypes
+
+    import numpy as np
+
+    from quant import native
+    lib = native.library()
+    if lib is None or not lib.moed_has_vnni():
+        pytest.skip("needs the native library built with AVX512-VNNI to compare against")
+    plain = ctypes.CDLL(str(native.build(tmp_path, extra=("-mno-avx512vnni",))))
+    plain.moed_has_vnni.restype = ctypes.c_int
+    assert plain.moed_has_vnni() == 0
+    native.bind(plain)
+    s = scheme("msb")
+    view = s.view(s.encode(torch.randn(40, 256, generator=torch.Generator().manual_seed(3)), 64), 8)
+    form = get_backend("native").prepare(view)
+    x = np.random.default_rng(4).standard_normal((2, 256)).astype(np.float32)
+    ys = []
+    for impl in (lib, plain):
+        y = np.empty((2, 40), dtype=np.float32)
+        impl.moed_qgemm(x.ctypes.data, 2, *form.terms[0].args(), 40, 256, 64, 0, form.blocks, y.ctypes.data, 40, 0)
+        ys.append(y)
+    assert np.allclose(ys[0], ys[1], rtol=1e-5, atol=1e-5 * np.abs(ys[0]).max())

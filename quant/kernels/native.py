@@ -1,0 +1,131 @@
+"""The native backend: moed's own int8 kernels (quant/native.c) computing on the store's codes as they are.
+
+A matrix's compute form is its codes (one byte each, at any bit-width up to 8), centred and regrouped in
+blocks of 16 rows, with three float32 parameters per group: about 8.4 bits per weight at groups of 128
+(a llama.cpp Q8_0 tensor holds 8.5), made in one pass over the codes. Activations are quantised per group to int8
+(as onnxruntime's MatMulNBits at accuracy level 4); an x86 CPU with AVX512-VNNI runs the dot products
+16 rows at a time with vpdpbusd, any other CPU the same arithmetic in plain C. A whole expert FFN is one
+call. Calls release the GIL; a layer's experts run side by side on the workers, one thread each, and a
+large matrix's row blocks are split over them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from quant import native
+from quant.kernels.base import PooledBackend, PreparedExpert, activation
+from quant.views import ExpertViews, QuantView
+
+ROWS = 16  # rows per block of the compute form
+ACT_CODES = {"silu": 0, "swish": 0, "gelu": 1, "relu": 2}
+SPLIT_CODES = 4 << 20  # a matrix of at least this many codes is split over the workers by row blocks
+
+
+@dataclass(frozen=True, slots=True)
+class NativeTerm:
+    """One affine term in the kernel's layout: centred codes [blocks * 16 * K] int8; scale, offset and the
+    codes' excess (128 * group sum) [blocks, K/G, 16] float32 (quant/native.c)."""
+
+    codes: np.ndarray
+    scale: np.ndarray
+    offset: np.ndarray
+    excess: np.ndarray
+
+    def args(self) -> tuple[int, int, int, int]:
+        """The kernel's pointers to codes, scale, offset and excess."""
+        return self.codes.ctypes.data, self.scale.ctypes.data, self.offset.ctypes.data, self.excess.ctypes.data
+
+
+@dataclass(frozen=True, slots=True)
+class NativeMatrix:
+    """A matrix's terms (the first's offsets are all terms' offsets summed; the others' are zero) and shape."""
+
+    terms: tuple[NativeTerm, ...]
+    n: int
+    k: int
+    group: int
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held."""
+        return sum(a.nbytes for t in self.terms for a in (t.codes, t.scale, t.offset, t.excess))
+
+    @property
+    def blocks(self) -> int:
+        """Blocks of 16 rows."""
+        return -(-self.n // ROWS)
+
+
+class Native(PooledBackend, name="native"):
+    """moed's int8 kernels on the store's codes (quant/native.c), run side by side on `threads` workers."""
+
+    @classmethod
+    def available(cls) -> bool:
+        return native.library() is not None
+
+    def prepare(self, view: QuantView) -> NativeMatrix:
+        lib = native.library()
+        n, k = view.shape
+        g = view.group
+        if k % g or g % 8:
+            raise ValueError(f"the native kernels need groups of a multiple of 8 dividing K (got K={k}, group {g})")
+        blocks, ng = -(-n // ROWS), k // g
+        # w = s * (c - mid) + (z + s * mid): each term's codes centred, the offsets of all terms in the first's
+        offsets = sum(t.zero.float() + t.scale.float() * (1 << (t.bits - 1)) for t in view.terms)
+        terms = []
+        for i, t in enumerate(view.terms):
+            codes = np.ascontiguousarray(t.codes.numpy(), dtype=np.uint8)
+            packed = np.empty(blocks * ROWS * k, dtype=np.int8)
+            excess = np.empty((blocks, ng, ROWS), dtype=np.float32)
+            lib.moed_interleave(codes.ctypes.data, n, k, g, 1 << (t.bits - 1), packed.ctypes.data, excess.ctypes.data)
+            params = []
+            for p in (t.scale.float(), offsets if i == 0 else torch.zeros_like(t.zero, dtype=torch.float32)):
+                src = np.ascontiguousarray(p.numpy(), dtype=np.float32)
+                out = np.empty((blocks, ng, ROWS), dtype=np.float32)
+                lib.moed_interleave_params(src.ctypes.data, n, ng, out.ctypes.data)
+                params.append(out)
+            terms.append(NativeTerm(packed, *params, excess))
+        return NativeMatrix(tuple(terms), n, k, g)
+
+    def linear(self, x: torch.Tensor, form: NativeMatrix) -> torch.Tensor:
+        xs = np.ascontiguousarray(x.detach().float().numpy())
+        t = xs.shape[0]
+        y = np.empty((t, form.n), dtype=np.float32)
+        lib = native.library()
+
+        def run(span: tuple[int, int]) -> None:
+            for i, term in enumerate(form.terms):
+                lib.moed_qgemm(xs.ctypes.data, t, *term.args(), form.n, form.k, form.group, span[0], span[1],
+                               y.ctypes.data, form.n, int(i > 0))
+
+        parts = min(self.threads, form.blocks) if form.n * form.k >= SPLIT_CODES else 1
+        edges = [form.blocks * i // parts for i in range(parts + 1)]
+        spans = list(zip(edges, edges[1:]))
+        if len(spans) == 1:
+            run(spans[0])
+        else:
+            self.split(run, spans)
+        return torch.from_numpy(y)
+
+    def form_nbytes(self, form: NativeMatrix) -> int:
+        return form.nbytes
+
+    def prepare_expert(self, views: ExpertViews, act: str) -> PreparedExpert:
+        activation(act)
+        forms = tuple(self.prepare(v) for v in (views.gate, views.up, views.down))
+        return PreparedExpert(forms, act, views.bits, sum(f.nbytes for f in forms))
+
+    def ffn(self, x: torch.Tensor, e: PreparedExpert) -> torch.Tensor:
+        gate, up, down = e.forms
+        if any(len(f.terms) > 1 for f in e.forms) or e.act not in ACT_CODES:
+            return super().ffn(x, e)  # several terms a matrix: three linears
+        xs = np.ascontiguousarray(x.detach().float().numpy())
+        y = np.empty((xs.shape[0], down.n), dtype=np.float32)
+        args = [a for f in (gate, up, down) for a in (*f.terms[0].args(), f.group)]
+        native.library().moed_ffn(xs.ctypes.data, xs.shape[0], gate.k, gate.n, ACT_CODES[e.act], *args,
+                                  y.ctypes.data)
+        return torch.from_numpy(y)
