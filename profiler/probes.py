@@ -232,10 +232,10 @@ def probe_unpack(shape: ModelShape, plan: ProbePlan, device: str = "cpu") -> tup
     d, group = shape.hidden, 128
     meta, notes = {}, []
     try:
-        from quant.kernels import available_backends, get_backend
+        from quant.kernels import fast_cpu_backend, get_backend
         from quant.planes import unpack_planes
         from quant.views import msb_view
-        name = "torch" if "torch" in available_backends() else "reference"
+        name = fast_cpu_backend()  # the form the engine makes of what it reads
         be = get_backend(name)
 
         def convert(planes, rows, scale, minimum):

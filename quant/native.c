@@ -60,7 +60,8 @@ void moed_unpack_planes(const uint8_t *const *planes, int r, int64_t n, uint8_t 
  * (x ~ dx * xq, dx = max|x| / 127) and shifted to unsigned (xq + 128) for the u8 x s8 dot product, whose
  * excess is the stored 128 * sum; centring keeps the activations' rounding off the codes' middle, as
  * onnxruntime's MatMulNBits with its zero point at the middle (accuracy level 4) does. Offsets use the
- * exact group sums of x.
+ * exact group sums of x. Codes of 4 bits or fewer are held two to a byte, uncentred: the low nibbles of a
+ * 64-byte run are run 2j, the high nibbles run 2j + 1, centred as they are loaded.
  */
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
@@ -108,6 +109,33 @@ void moed_interleave(const uint8_t *codes, int64_t n, int64_t k, int G, int mid,
         }
 }
 
+/* codes [n, k] of b <= 4 bits -> interleaved nibbles (runs 2j and 2j + 1 of a block in one 64-byte run) and
+ * 128 * each group's sum of centred codes (mid = 2^(b-1)) */
+void moed_interleave_nibbles(const uint8_t *codes, int64_t n, int64_t k, int G, int mid, uint8_t *out,
+                             float *excess) {
+    const int64_t blocks = (n + 15) / 16, ng = k / G;
+    for (int64_t b = 0; b < blocks; b++)
+        for (int r = 0; r < 16; r++) {
+            const int64_t row = 16 * b + r;
+            uint8_t *dst = out + b * 8 * k + 4 * r;
+            float *ex = excess + b * ng * 16 + r;
+            if (row >= n) {
+                for (int64_t p = 0; p < k / 8; p++) memset(dst + 64 * p, 0, 4);
+                for (int64_t g = 0; g < ng; g++) ex[16 * g] = 0.f;
+                continue;
+            }
+            const uint8_t *src = codes + row * k;
+            for (int64_t p = 0; p < k / 8; p++)
+                for (int q = 0; q < 4; q++)
+                    dst[64 * p + q] = (uint8_t)((src[8 * p + q] & 15) | (src[8 * p + 4 + q] & 15) << 4);
+            for (int64_t g = 0; g < ng; g++) {
+                int32_t sum = 0;
+                for (int j = 0; j < G; j++) sum += src[g * G + j];
+                ex[16 * g] = 128.f * (float)(sum - G * mid);
+            }
+        }
+}
+
 void moed_interleave_params(const float *p, int64_t n, int64_t ng, float *out) {
     const int64_t blocks = (n + 15) / 16;
     for (int64_t b = 0; b < blocks; b++)
@@ -135,66 +163,121 @@ static void quantise_x(const float *x, int t, int64_t k, int G, uint8_t *xu, flo
     }
 }
 
-/* Row blocks b0..b1-1 of y[t, n] (row stride ldy) = or += quantised x . w^T */
-static void qgemm_blocks(const uint8_t *xu, const float *dx, const float *xs, int t, const int8_t *w,
-                         const float *s, const float *z, const float *e, int64_t n, int64_t k, int G, int64_t b0,
-                         int64_t b1, float *y, int64_t ldy, int accumulate) {
+/* Tokens i..i+nt-1 (nt <= 8) of row block b: out[nt][16]. Each 64-byte load of codes feeds nt tokens' dot
+ * products (two runs of them when packed: nibbles, centred by mid here). nt and packed are constants where
+ * this is inlined. */
+static inline __attribute__((always_inline)) void qdot_block(const uint8_t *xu, const float *dx, const float *xs,
+                                                             const int8_t *wb, const float *s, const float *z,
+                                                             const float *e, int64_t b, int64_t k, int G, int i,
+                                                             const int nt, const int packed, int mid,
+                                                             float out[][16]) {
     const int64_t ng = k / G;
-    for (int64_t b = b0; b < b1; b++) {
-        const int8_t *wb = w + b * 16 * k;
-        const int rows = n - 16 * b < 16 ? (int)(n - 16 * b) : 16;
-        for (int i = 0; i < t; i++) {
-            const uint8_t *xr = xu + (int64_t)i * k;
-            float out[16];
 #if MOED_VNNI
-            __m512 acc_f = _mm512_setzero_ps();
-            for (int64_t g = 0; g < ng; g++) {
-                __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
-                const int8_t *wg = wb + g * G * 16;
-                const uint8_t *xg = xr + g * G;
-                for (int j = 0; j < G / 4; j += 2) {
+    const __m512i low = _mm512_set1_epi8(15), mids = _mm512_set1_epi8((char)mid);
+    __m512 acc_f[8];
+    for (int u = 0; u < nt; u++) acc_f[u] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        __m512i acc[8];
+        for (int u = 0; u < nt; u++) acc[u] = _mm512_setzero_si512();
+        const uint8_t *xg = xu + (int64_t)i * k + g * G;
+        if (packed) {
+            const int8_t *wg = wb + g * G * 8;
+            for (int j = 0; j < G / 4; j += 2) {
+                const __m512i p = _mm512_loadu_si512(wg + 32 * j);
+                const __m512i w0 = _mm512_sub_epi8(_mm512_and_si512(p, low), mids);
+                const __m512i w1 = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(p, 4), low), mids);
+                for (int u = 0; u < nt; u++) {
                     int32_t x0, x1;
-                    memcpy(&x0, xg + 4 * j, 4);
-                    memcpy(&x1, xg + 4 * j + 4, 4);
-                    a0 = _mm512_dpbusd_epi32(a0, _mm512_set1_epi32(x0), _mm512_loadu_si512(wg + 64 * j));
-                    a1 = _mm512_dpbusd_epi32(a1, _mm512_set1_epi32(x1), _mm512_loadu_si512(wg + 64 * j + 64));
+                    memcpy(&x0, xg + (int64_t)u * k + 4 * j, 4);
+                    memcpy(&x1, xg + (int64_t)u * k + 4 * j + 4, 4);
+                    acc[u] = _mm512_dpbusd_epi32(acc[u], _mm512_set1_epi32(x0), w0);
+                    acc[u] = _mm512_dpbusd_epi32(acc[u], _mm512_set1_epi32(x1), w1);
                 }
-                const int64_t at = (b * ng + g) * 16;
-                const __m512 dot = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1)), _mm512_loadu_ps(e + at));
-                acc_f = _mm512_fmadd_ps(dot, _mm512_mul_ps(_mm512_loadu_ps(s + at),
-                                        _mm512_set1_ps(dx[(int64_t)i * ng + g])), acc_f);
-                acc_f = _mm512_fmadd_ps(_mm512_loadu_ps(z + at), _mm512_set1_ps(xs[(int64_t)i * ng + g]), acc_f);
             }
-            _mm512_storeu_ps(out, acc_f);
+        } else {
+            const int8_t *wg = wb + g * G * 16;
+            for (int j = 0; j < G / 4; j++) {
+                const __m512i w = _mm512_loadu_si512(wg + 64 * j);
+                for (int u = 0; u < nt; u++) {
+                    int32_t xv;
+                    memcpy(&xv, xg + (int64_t)u * k + 4 * j, 4);
+                    acc[u] = _mm512_dpbusd_epi32(acc[u], _mm512_set1_epi32(xv), w);
+                }
+            }
+        }
+        const int64_t at = (b * ng + g) * 16;
+        const __m512 sv = _mm512_loadu_ps(s + at), zv = _mm512_loadu_ps(z + at), ev = _mm512_loadu_ps(e + at);
+        for (int u = 0; u < nt; u++) {
+            const int64_t q = (int64_t)(i + u) * ng + g;
+            const __m512 dot = _mm512_sub_ps(_mm512_cvtepi32_ps(acc[u]), ev);
+            acc_f[u] = _mm512_fmadd_ps(dot, _mm512_mul_ps(sv, _mm512_set1_ps(dx[q])), acc_f[u]);
+            acc_f[u] = _mm512_fmadd_ps(zv, _mm512_set1_ps(xs[q]), acc_f[u]);
+        }
+    }
+    for (int u = 0; u < nt; u++) _mm512_storeu_ps(out[u], acc_f[u]);
 #else
-            for (int r = 0; r < 16; r++) out[r] = 0.f;
-            for (int64_t g = 0; g < ng; g++) {
-                int32_t acc[16] = {0};
-                const int8_t *wg = wb + g * G * 16;
-                const uint8_t *xg = xr + g * G;
-                for (int j = 0; j < G / 4; j++)
-                    for (int r = 0; r < 16; r++)
-                        for (int q = 0; q < 4; q++) acc[r] += (int32_t)wg[64 * j + 4 * r + q] * (int32_t)xg[4 * j + q];
-                const int64_t at = (b * ng + g) * 16;
-                const float d = dx[(int64_t)i * ng + g], sum = xs[(int64_t)i * ng + g];
-                for (int r = 0; r < 16; r++) out[r] += ((float)acc[r] - e[at + r]) * s[at + r] * d + z[at + r] * sum;
-            }
+    for (int u = 0; u < nt; u++)
+        for (int r = 0; r < 16; r++) out[u][r] = 0.f;
+    for (int64_t g = 0; g < ng; g++) {
+        const int64_t at = (b * ng + g) * 16;
+        for (int u = 0; u < nt; u++) {
+            int32_t acc[16] = {0};
+            const uint8_t *xg = xu + (int64_t)(i + u) * k + g * G;
+            for (int j = 0; j < G / 4; j++)
+                for (int r = 0; r < 16; r++)
+                    for (int q = 0; q < 4; q++) {
+                        int c;
+                        if (packed) {
+                            const uint8_t byte = (uint8_t)wb[g * G * 8 + 64 * (j / 2) + 4 * r + q];
+                            c = (j % 2 ? byte >> 4 : byte & 15) - mid;
+                        } else {
+                            c = wb[g * G * 16 + 64 * j + 4 * r + q];
+                        }
+                        acc[r] += c * (int32_t)xg[4 * j + q];
+                    }
+            const int64_t q = (int64_t)(i + u) * ng + g;
+            for (int r = 0; r < 16; r++) out[u][r] += ((float)acc[r] - e[at + r]) * s[at + r] * dx[q] + z[at + r] * xs[q];
+        }
+    }
 #endif
-            float *yr = y + (int64_t)i * ldy + 16 * b;
-            for (int r = 0; r < rows; r++) yr[r] = accumulate ? yr[r] + out[r] : out[r];
+}
+
+#define QDOT(NT, P) qdot_block(xu, dx, xs, wb, s, z, e, b, k, G, i, NT, P, mid, out)
+
+/* Row blocks b0..b1-1 of y[t, n] (row stride ldy) = or += quantised x . w^T, eight tokens at a time */
+static void qgemm_blocks(const uint8_t *xu, const float *dx, const float *xs, int t, const int8_t *w,
+                         const float *s, const float *z, const float *e, int64_t n, int64_t k, int G, int bits,
+                         int64_t b0, int64_t b1, float *y, int64_t ldy, int accumulate) {
+    const int packed = bits <= 4, mid = 1 << (bits - 1);
+    for (int64_t b = b0; b < b1; b++) {
+        const int8_t *wb = w + b * (packed ? 8 : 16) * k;
+        const int rows = n - 16 * b < 16 ? (int)(n - 16 * b) : 16;
+        for (int i = 0; i < t;) {
+            float out[8][16];
+            const int nt = t - i >= 8 ? 8 : t - i >= 4 ? 4 : 1;
+            if (packed) {
+                if (nt == 8) QDOT(8, 1); else if (nt == 4) QDOT(4, 1); else QDOT(1, 1);
+            } else {
+                if (nt == 8) QDOT(8, 0); else if (nt == 4) QDOT(4, 0); else QDOT(1, 0);
+            }
+            for (int u = 0; u < nt; u++) {
+                float *yr = y + (int64_t)(i + u) * ldy + 16 * b;
+                for (int r = 0; r < rows; r++) yr[r] = accumulate ? yr[r] + out[u][r] : out[u][r];
+            }
+            i += nt;
         }
     }
 }
 
 /* y[t, n] (row stride ldy) = (or += with accumulate) x[t, k] . w^T over row blocks b0..b1-1; w, s, z, e as
- * moed_interleave / moed_interleave_params make them. */
+ * moed_interleave (bits > 4) or moed_interleave_nibbles (bits <= 4) and moed_interleave_params make them. */
 void moed_qgemm(const float *x, int t, const int8_t *w, const float *s, const float *z, const float *e, int64_t n,
-                int64_t k, int G, int64_t b0, int64_t b1, float *y, int64_t ldy, int accumulate) {
+                int64_t k, int G, int bits, int64_t b0, int64_t b1, float *y, int64_t ldy, int accumulate) {
     const int64_t ng = k / G;
     uint8_t *xu = malloc((size_t)(t * k));
     float *dx = malloc(sizeof(float) * (size_t)(2 * t * ng));
     quantise_x(x, t, k, G, xu, dx, dx + t * ng);
-    qgemm_blocks(xu, dx, dx + t * ng, t, w, s, z, e, n, k, G, b0, b1, y, ldy, accumulate);
+    qgemm_blocks(xu, dx, dx + t * ng, t, w, s, z, e, n, k, G, bits, b0, b1, y, ldy, accumulate);
     free(xu);
     free(dx);
 }
@@ -207,16 +290,16 @@ static float act_fn(float v, int act) {
     }
 }
 
-/* An expert FFN y[t, d] = down(act(gate x) * up x): gate and up [f, d], down [d, f], each (w, s, z, e, G). */
+/* An expert FFN y[t, d] = down(act(gate x) * up x): gate and up [f, d], down [d, f], each (w, s, z, e, G, bits). */
 void moed_ffn(const float *x, int t, int64_t d, int64_t f, int act,
-              const int8_t *wg, const float *sg, const float *zg, const float *eg, int Gg,
-              const int8_t *wu, const float *su, const float *zu, const float *eu, int Gu,
-              const int8_t *wd, const float *sd, const float *zd, const float *ed, int Gd, float *y) {
+              const int8_t *wg, const float *sg, const float *zg, const float *eg, int Gg, int bg,
+              const int8_t *wu, const float *su, const float *zu, const float *eu, int Gu, int bu,
+              const int8_t *wd, const float *sd, const float *zd, const float *ed, int Gd, int bd, float *y) {
     float *h = malloc(sizeof(float) * (size_t)(2 * t * f));
     float *u = h + t * f;
-    moed_qgemm(x, t, wg, sg, zg, eg, f, d, Gg, 0, (f + 15) / 16, h, f, 0);
-    moed_qgemm(x, t, wu, su, zu, eu, f, d, Gu, 0, (f + 15) / 16, u, f, 0);
+    moed_qgemm(x, t, wg, sg, zg, eg, f, d, Gg, bg, 0, (f + 15) / 16, h, f, 0);
+    moed_qgemm(x, t, wu, su, zu, eu, f, d, Gu, bu, 0, (f + 15) / 16, u, f, 0);
     for (int64_t i = 0; i < t * f; i++) h[i] = act_fn(h[i], act) * u[i];
-    moed_qgemm(h, t, wd, sd, zd, ed, d, f, Gd, 0, (d + 15) / 16, y, d, 0);
+    moed_qgemm(h, t, wd, sd, zd, ed, d, f, Gd, bd, 0, (d + 15) / 16, y, d, 0);
     free(h);
 }

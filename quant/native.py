@@ -104,9 +104,10 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     signatures = {
         "moed_unpack_planes": [ctypes.POINTER(P), I, L, P],
         "moed_interleave": [P, L, L, I, I, P, P],
+        "moed_interleave_nibbles": [P, L, L, I, I, P, P],
         "moed_interleave_params": [P, L, L, P],
-        "moed_qgemm": [P, I, P, P, P, P, L, L, I, L, L, P, L, I],
-        "moed_ffn": [P, I, L, L, I] + [P, P, P, P, I] * 3 + [P],
+        "moed_qgemm": [P, I, P, P, P, P, L, L, I, I, L, L, P, L, I],
+        "moed_ffn": [P, I, L, L, I] + [P, P, P, P, I, I] * 3 + [P],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)

@@ -1,8 +1,8 @@
 """The native backend: moed's own int8 kernels (quant/native.c) computing on the store's codes as they are.
 
-A matrix's compute form is its codes (one byte each, at any bit-width up to 8), centred and regrouped in
-blocks of 16 rows, with three float32 parameters per group: about 8.4 bits per weight at groups of 128
-(a llama.cpp Q8_0 tensor holds 8.5), made in one pass over the codes. Activations are quantised per group to int8
+A matrix's compute form is its codes, centred and regrouped in blocks of 16 rows (one byte each at 5-8
+bits, two to a byte at 4 bits or fewer), with three float32 parameters per group: about 8.4 (or 4.4) bits
+per weight at groups of 128 (a llama.cpp Q8_0 tensor holds 8.5), made in one pass over the codes. Activations are quantised per group to int8
 (as onnxruntime's MatMulNBits at accuracy level 4); an x86 CPU with AVX512-VNNI runs the dot products
 16 rows at a time with vpdpbusd, any other CPU the same arithmetic in plain C. A whole expert FFN is one
 call. Calls release the GIL; a layer's experts run side by side on the workers, one thread each, and a
@@ -27,13 +27,14 @@ SPLIT_CODES = 4 << 20  # a matrix of at least this many codes is split over the 
 
 @dataclass(frozen=True, slots=True)
 class NativeTerm:
-    """One affine term in the kernel's layout: centred codes [blocks * 16 * K] int8; scale, offset and the
-    codes' excess (128 * group sum) [blocks, K/G, 16] float32 (quant/native.c)."""
+    """One affine term in the kernel's layout: centred codes [blocks * 16 * K] int8 (or uncentred nibbles, half
+    that); scale, offset and the codes' excess (128 * group sum) [blocks, K/G, 16] float32 (quant/native.c)."""
 
     codes: np.ndarray
     scale: np.ndarray
     offset: np.ndarray
     excess: np.ndarray
+    bits: int  # <= 4: codes two to a byte (nibbles), uncentred
 
     def args(self) -> tuple[int, int, int, int]:
         """The kernel's pointers to codes, scale, offset and excess."""
@@ -79,16 +80,18 @@ class Native(PooledBackend, name="native"):
         terms = []
         for i, t in enumerate(view.terms):
             codes = np.ascontiguousarray(t.codes.numpy(), dtype=np.uint8)
-            packed = np.empty(blocks * ROWS * k, dtype=np.int8)
+            nibbles = t.bits <= 4
+            packed = np.empty(blocks * ROWS * k // (2 if nibbles else 1), dtype=np.int8)
             excess = np.empty((blocks, ng, ROWS), dtype=np.float32)
-            lib.moed_interleave(codes.ctypes.data, n, k, g, 1 << (t.bits - 1), packed.ctypes.data, excess.ctypes.data)
+            make = lib.moed_interleave_nibbles if nibbles else lib.moed_interleave
+            make(codes.ctypes.data, n, k, g, 1 << (t.bits - 1), packed.ctypes.data, excess.ctypes.data)
             params = []
             for p in (t.scale.float(), offsets if i == 0 else torch.zeros_like(t.zero, dtype=torch.float32)):
                 src = np.ascontiguousarray(p.numpy(), dtype=np.float32)
                 out = np.empty((blocks, ng, ROWS), dtype=np.float32)
                 lib.moed_interleave_params(src.ctypes.data, n, ng, out.ctypes.data)
                 params.append(out)
-            terms.append(NativeTerm(packed, *params, excess))
+            terms.append(NativeTerm(packed, *params, excess, t.bits))
         return NativeMatrix(tuple(terms), n, k, g)
 
     def linear(self, x: torch.Tensor, form: NativeMatrix) -> torch.Tensor:
@@ -99,8 +102,8 @@ class Native(PooledBackend, name="native"):
 
         def run(span: tuple[int, int]) -> None:
             for i, term in enumerate(form.terms):
-                lib.moed_qgemm(xs.ctypes.data, t, *term.args(), form.n, form.k, form.group, span[0], span[1],
-                               y.ctypes.data, form.n, int(i > 0))
+                lib.moed_qgemm(xs.ctypes.data, t, *term.args(), form.n, form.k, form.group, term.bits, span[0],
+                               span[1], y.ctypes.data, form.n, int(i > 0))
 
         parts = min(self.threads, form.blocks) if form.n * form.k >= SPLIT_CODES else 1
         edges = [form.blocks * i // parts for i in range(parts + 1)]
@@ -125,7 +128,7 @@ class Native(PooledBackend, name="native"):
             return super().ffn(x, e)  # several terms a matrix: three linears
         xs = np.ascontiguousarray(x.detach().float().numpy())
         y = np.empty((xs.shape[0], down.n), dtype=np.float32)
-        args = [a for f in (gate, up, down) for a in (*f.terms[0].args(), f.group)]
+        args = [a for f in (gate, up, down) for a in (*f.terms[0].args(), f.group, f.terms[0].bits)]
         native.library().moed_ffn(xs.ctypes.data, xs.shape[0], gate.k, gate.n, ACT_CODES[e.act], *args,
                                   y.ctypes.data)
         return torch.from_numpy(y)

@@ -203,12 +203,15 @@ def test_native_plain_c_path_computes_what_the_vnni_path_does(tmp_path):
     assert plain.moed_has_vnni() == 0
     native.bind(plain)
     s = scheme("msb")
-    view = s.view(s.encode(torch.randn(40, 256, generator=torch.Generator().manual_seed(3)), 64), 8)
-    form = get_backend("native").prepare(view)
-    x = np.random.default_rng(4).standard_normal((2, 256)).astype(np.float32)
-    ys = []
-    for impl in (lib, plain):
-        y = np.empty((2, 40), dtype=np.float32)
-        impl.moed_qgemm(x.ctypes.data, 2, *form.terms[0].args(), 40, 256, 64, 0, form.blocks, y.ctypes.data, 40, 0)
-        ys.append(y)
-    assert np.allclose(ys[0], ys[1], rtol=1e-5, atol=1e-5 * np.abs(ys[0]).max())
+    for bits in (8, 4):  # one byte a code; two
+        view = s.view(s.encode(torch.randn(40, 256, generator=torch.Generator().manual_seed(3)), 64), bits)
+        form = get_backend("native").prepare(view)
+        assert form.terms[0].codes.nbytes == 48 * 256 // (1 if bits > 4 else 2)
+        x = np.random.default_rng(4).standard_normal((13, 256)).astype(np.float32)  # 8 + 4 + 1 tokens
+        ys = []
+        for impl in (lib, plain):
+            y = np.empty((13, 40), dtype=np.float32)
+            impl.moed_qgemm(x.ctypes.data, 13, *form.terms[0].args(), 40, 256, 64, bits, 0, form.blocks,
+                            y.ctypes.data, 40, 0)
+            ys.append(y)
+        assert np.allclose(ys[0], ys[1], rtol=1e-5, atol=1e-5 * np.abs(ys[0]).max())
