@@ -1,12 +1,12 @@
 """The native backend: moed's own int8 kernels (quant/native.c) computing on the store's codes as they are.
 
 A matrix's compute form is its codes, centred and regrouped in blocks of 16 rows (one byte each at 5-8
-bits, two to a byte at 4 bits or fewer), with three float32 parameters per group: about 8.4 (or 4.4) bits
-per weight at groups of 128 (a llama.cpp Q8_0 tensor holds 8.5), made in one pass over the codes. Activations are quantised per group to int8
-(as onnxruntime's MatMulNBits at accuracy level 4); an x86 CPU with AVX512-VNNI runs the dot products
-16 rows at a time with vpdpbusd, any other CPU the same arithmetic in plain C. A whole expert FFN is one
-call. Calls release the GIL; a layer's experts run side by side on the workers, one thread each, and a
-large matrix's row blocks are split over them.
+bits, two to a byte at 4 bits or fewer), with three float32 parameters per group: about 8.4 (or 4.4)
+bits per weight at groups of 128 (a llama.cpp Q8_0 tensor holds 8.5), made in one pass over the codes.
+Activations are quantised per group to int8 (as onnxruntime's MatMulNBits at accuracy level 4); an x86
+CPU with AVX512-VNNI runs the dot products 16 rows at a time with vpdpbusd, any other CPU the same
+arithmetic in plain C. A whole expert FFN is one call. Calls release the GIL; a layer's experts run side
+by side on the workers, one thread each, and a large matrix's row blocks are split over them.
 """
 
 from __future__ import annotations
