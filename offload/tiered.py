@@ -584,8 +584,11 @@ class LayerExperts:
                     p._to_accel((layer, e), h)
 
             def run_part(part: list[int]) -> dict[int, torch.Tensor]:
-                """Resident experts one after another on one thread; unpinned once all have run."""
+                """Resident experts one after another on one thread (one token: one backend call); unpinned once
+                all have run."""
                 try:
+                    if x.shape[0] == 1:
+                        return dict(zip(part, cpu.ffn_many(x, [held[e].form for e in part])))
                     return {e: cpu.ffn(inp(e), held[e].form) for e in part}
                 finally:
                     for e in part:

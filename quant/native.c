@@ -303,3 +303,22 @@ void moed_ffn(const float *x, int t, int64_t d, int64_t f, int act,
     moed_qgemm(h, t, wd, sd, zd, ed, d, f, Gd, bd, 0, (d + 15) / 16, y, d, 0);
     free(h);
 }
+
+/* One expert for moed_ffn_many: gate, up, down as (w, s, z, e, G, bits) each, its sizes and activation. */
+typedef struct {
+    const int8_t *w[3];
+    const float *s[3], *z[3], *e[3];
+    int G[3], bits[3];
+    int64_t d, f;
+    int act;
+} moed_expert;
+
+/* n experts on the same x [t, d]: y[i] = expert i's FFN of x ([n, t, d]), one after another. */
+void moed_ffn_many(const float *x, int t, int n, const moed_expert *ex, float *y) {
+    for (int i = 0; i < n; i++) {
+        const moed_expert *m = ex + i;
+        moed_ffn(x, t, m->d, m->f, m->act, m->w[0], m->s[0], m->z[0], m->e[0], m->G[0], m->bits[0],
+                 m->w[1], m->s[1], m->z[1], m->e[1], m->G[1], m->bits[1],
+                 m->w[2], m->s[2], m->z[2], m->e[2], m->G[2], m->bits[2], y + (int64_t)i * t * m->d);
+    }
+}

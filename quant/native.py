@@ -98,6 +98,15 @@ def library() -> ctypes.CDLL | None:
     return bind(lib)
 
 
+class Expert(ctypes.Structure):
+    """quant/native.c's moed_expert: an expert FFN's three matrices (codes, scale, offset, excess, group, bits),
+    its width d, inner width f and activation."""
+
+    _fields_ = [("w", ctypes.c_void_p * 3), ("s", ctypes.c_void_p * 3), ("z", ctypes.c_void_p * 3),
+                ("e", ctypes.c_void_p * 3), ("G", ctypes.c_int * 3), ("bits", ctypes.c_int * 3),
+                ("d", ctypes.c_int64), ("f", ctypes.c_int64), ("act", ctypes.c_int)]
+
+
 def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     """lib with its functions' argument and result types declared (ctypes checks calls against them)."""
     P, I, L = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64
@@ -108,6 +117,7 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         "moed_interleave_params": [P, L, L, P],
         "moed_qgemm": [P, I, P, P, P, P, L, L, I, I, L, L, P, L, I],
         "moed_ffn": [P, I, L, L, I] + [P, P, P, P, I, I] * 3 + [P],
+        "moed_ffn_many": [P, I, I, P, P],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)

@@ -80,6 +80,10 @@ class Backend:
     def close(self) -> None:
         """Stop any workers the backend started."""
 
+    def ffn_many(self, x: torch.Tensor, experts: list[PreparedExpert]) -> list[torch.Tensor]:
+        """Each expert's output for the same x [T, D], one after another (a backend may make it one call)."""
+        return [self.ffn(x, e) for e in experts]
+
     def ffn(self, x: torch.Tensor, e: PreparedExpert) -> torch.Tensor:
         """The expert's output for x [T, D], float32 [T, D]."""
         gate, up, down = e.forms

@@ -11,6 +11,7 @@ by side on the workers, one thread each, and a large matrix's row blocks are spl
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +62,14 @@ class NativeMatrix:
         return -(-self.n // ROWS)
 
 
+@dataclass(frozen=True, slots=True)
+class NativeExpert(PreparedExpert):
+    """An expert's forms and, where one C call computes its FFN (one term a matrix), that call's arguments
+    (holding pointers into the forms, which it lives with)."""
+
+    call: native.Expert | None = None
+
+
 class Native(PooledBackend, name="native"):
     """moed's int8 kernels on the store's codes (quant/native.c), run side by side on `threads` workers."""
 
@@ -95,7 +104,7 @@ class Native(PooledBackend, name="native"):
         return NativeMatrix(tuple(terms), n, k, g)
 
     def linear(self, x: torch.Tensor, form: NativeMatrix) -> torch.Tensor:
-        xs = np.ascontiguousarray(x.detach().float().numpy())
+        xs = _as_array(x)
         t = xs.shape[0]
         y = np.empty((t, form.n), dtype=np.float32)
         lib = native.library()
@@ -120,15 +129,32 @@ class Native(PooledBackend, name="native"):
     def prepare_expert(self, views: ExpertViews, act: str) -> PreparedExpert:
         activation(act)
         forms = tuple(self.prepare(v) for v in (views.gate, views.up, views.down))
-        return PreparedExpert(forms, act, views.bits, sum(f.nbytes for f in forms))
+        call = None
+        if act in ACT_CODES and all(len(f.terms) == 1 for f in forms):  # one C call computes it
+            terms = [f.terms[0] for f in forms]
+            ptrs = [(ctypes.c_void_p * 3)(*(t.args()[i] for t in terms)) for i in range(4)]
+            call = native.Expert(*ptrs, (ctypes.c_int * 3)(*(f.group for f in forms)),
+                                 (ctypes.c_int * 3)(*(t.bits for t in terms)), forms[0].k, forms[0].n, ACT_CODES[act])
+        return NativeExpert(forms, act, views.bits, sum(f.nbytes for f in forms), call)
 
     def ffn(self, x: torch.Tensor, e: PreparedExpert) -> torch.Tensor:
-        gate, up, down = e.forms
-        if any(len(f.terms) > 1 for f in e.forms) or e.act not in ACT_CODES:
-            return super().ffn(x, e)  # several terms a matrix: three linears
-        xs = np.ascontiguousarray(x.detach().float().numpy())
-        y = np.empty((xs.shape[0], down.n), dtype=np.float32)
-        args = [a for f in (gate, up, down) for a in (*f.terms[0].args(), f.group, f.terms[0].bits)]
-        native.library().moed_ffn(xs.ctypes.data, xs.shape[0], gate.k, gate.n, ACT_CODES[e.act], *args,
-                                  y.ctypes.data)
-        return torch.from_numpy(y)
+        return self.ffn_many(x, [e])[0]
+
+    def ffn_many(self, x: torch.Tensor, experts: list[PreparedExpert]) -> list[torch.Tensor]:
+        if not experts:
+            return []
+        d = experts[0].forms[2].n
+        if any(getattr(e, "call", None) is None or e.forms[2].n != d for e in experts):
+            return [super(Native, self).ffn(x, e) for e in experts]  # several terms a matrix: three linears
+        xs = _as_array(x)
+        y = np.empty((len(experts), xs.shape[0], d), dtype=np.float32)
+        calls = (native.Expert * len(experts))(*(e.call for e in experts))
+        native.library().moed_ffn_many(xs.ctypes.data, xs.shape[0], len(experts), ctypes.addressof(calls), y.ctypes.data)
+        return list(torch.from_numpy(y).unbind(0))
+
+
+def _as_array(x: torch.Tensor) -> np.ndarray:
+    """x as a C-contiguous float32 array (no copy when it is one already)."""
+    if x.dtype != torch.float32 or not x.is_contiguous() or x.requires_grad:
+        x = x.detach().float().contiguous()
+    return x.numpy()

@@ -215,3 +215,21 @@ def test_native_plain_c_path_computes_what_the_vnni_path_does(tmp_path):
                             y.ctypes.data, 40, 0)
             ys.append(y)
         assert np.allclose(ys[0], ys[1], rtol=1e-5, atol=1e-5 * np.abs(ys[0]).max())
+
+
+def test_native_runs_several_experts_in_one_call_as_it_runs_each():
+    """ffn_many (a layer's share of one-token experts in one C call) gives each expert's ffn bit for bit, at
+    mixed bit-widths; an expert of several terms a matrix (residual) is computed as three linears."""
+    if "native" not in available_backends():
+        pytest.skip("the native kernels are not built here")
+    b = get_backend("native")
+    experts = [b.prepare_expert(expert("msb", bits, 128, seed=bits), "silu") for bits in (8, 4, 6)]
+    experts.append(b.prepare_expert(expert("residual", 5, 128, seed=9), "silu"))
+    assert [e.call is not None for e in experts] == [True, True, True, False]
+    x = torch.randn(1, D, generator=torch.Generator().manual_seed(11))
+    many = b.ffn_many(x, experts)
+    assert len(many) == 4 and all(torch.equal(y, b.ffn(x, e)) for y, e in zip(many, experts))
+    ref = get_backend("reference")
+    want = ref.ffn(x, ref.prepare_expert(expert("residual", 5, 128, seed=9), "silu"))
+    assert rel_err(many[3], want) <= TOLERANCE["native"][5]
+    assert b.ffn_many(x, []) == []
