@@ -322,3 +322,68 @@ void moed_ffn_many(const float *x, int t, int n, const moed_expert *ex, float *y
                  m->w[2], m->s[2], m->z[2], m->e[2], m->G[2], m->bits[2], y + (int64_t)i * t * m->d);
     }
 }
+
+/* ---- one decode token's attention (daemon/models/attention.py) ----
+ *
+ * q [H, d], k and v [Hkv, d] of one new token at position `pos` of a sequence whose cache holds keys and values
+ * [Hkv, cap, d] (cap > pos): q and k are rotated by cos/sin [d] (half-split pairs: x * cos + rotate_half(x) *
+ * sin, rotate_half([a, b]) = [-b, a]), k and v are written at pos, and out [H, d] = softmax(q k^T * scale) v
+ * over positions 0..pos, head h reading key/value head h / (H / Hkv).
+ */
+static void rope(const float *x, const float *cos, const float *sin, int d, float *out) {
+    const int h = d / 2;
+    for (int i = 0; i < h; i++) {
+        const float a = x[i], b = x[i + h];
+        out[i] = a * cos[i] + (-b) * sin[i];
+        out[i + h] = b * cos[i + h] + a * sin[i + h];
+    }
+}
+
+void moed_decode_attention(const float *q, const float *k, const float *v, const float *cos, const float *sin,
+                           float *kcache, float *vcache, int64_t cap, int64_t pos, int H, int Hkv, int d,
+                           float scale, float *out) {
+    for (int j = 0; j < Hkv; j++) {
+        rope(k + (int64_t)j * d, cos, sin, d, kcache + ((int64_t)j * cap + pos) * d);
+        memcpy(vcache + ((int64_t)j * cap + pos) * d, v + (int64_t)j * d, sizeof(float) * (size_t)d);
+    }
+    const int64_t n = pos + 1;
+    float *qr = malloc(sizeof(float) * (size_t)(d + n));
+    float *p = qr + d;
+    for (int h = 0; h < H; h++) {
+        const int j = h / (H / Hkv);
+        const float *kj = kcache + (int64_t)j * cap * d, *vj = vcache + (int64_t)j * cap * d;
+        rope(q + (int64_t)h * d, cos, sin, d, qr);
+        float top = -INFINITY;
+        for (int64_t t = 0; t < n; t++) {
+            float s = 0.f;
+#pragma omp simd reduction(+ : s)
+            for (int i = 0; i < d; i++) s += qr[i] * kj[t * d + i];
+            p[t] = s * scale;
+            top = fmaxf(top, p[t]);
+        }
+        float sum = 0.f;
+        for (int64_t t = 0; t < n; t++) {
+            p[t] = expf(p[t] - top);
+            sum += p[t];
+        }
+        float *o = out + (int64_t)h * d;
+        for (int i = 0; i < d; i++) o[i] = 0.f;
+        for (int64_t t = 0; t < n; t++) {
+            const float w = p[t] / sum;
+            for (int i = 0; i < d; i++) o[i] += w * vj[t * d + i];
+        }
+    }
+    free(qr);
+}
+
+/* out [n] = x / sqrt(mean(x^2) + eps) * w (w may be NULL: 1), for `rows` rows of n */
+void moed_rms_norm(const float *x, const float *w, int64_t rows, int64_t n, float eps, float *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * n;
+        float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < n; i++) ss += xr[i] * xr[i];
+        const float inv = 1.f / sqrtf(ss / (float)n + eps);
+        for (int64_t i = 0; i < n; i++) out[r * n + i] = w ? xr[i] * inv * w[i] : xr[i] * inv;
+    }
+}

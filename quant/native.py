@@ -1,4 +1,5 @@
-"""Native helpers for hot paths: quant/native.c (bit-plane unpacking, int8 kernels), compiled on first use.
+"""Native helpers for hot paths: quant/native.c (bit-plane unpacking, int8 kernels, one decode token's
+attention, RMS norm), compiled on first use.
 
 The source is built with the system's C compiler (`$CC`, else cc) for this CPU into moed's cache
 ($CACHE_DIRECTORY/native under systemd, else $XDG_CACHE_HOME/moed/native, else ~/.cache/moed/native; one file
@@ -27,7 +28,7 @@ import numpy as np
 log = logging.getLogger("moed.native")
 
 SOURCE = Path(__file__).with_name("native.c")
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c11")
 _BUILD_LOCK = threading.Lock()
 
 
@@ -118,6 +119,8 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         "moed_qgemm": [P, I, P, P, P, P, L, L, I, I, L, L, P, L, I],
         "moed_ffn": [P, I, L, L, I] + [P, P, P, P, I, I] * 3 + [P],
         "moed_ffn_many": [P, I, I, P, P],
+        "moed_decode_attention": [P, P, P, P, P, P, P, L, L, I, I, I, ctypes.c_float, P],
+        "moed_rms_norm": [P, P, L, L, ctypes.c_float, P],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)

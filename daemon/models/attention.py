@@ -12,6 +12,7 @@ from torch import nn
 from daemon.models.cache import KVCache
 from daemon.models.norms import RMSNorm
 from daemon.models.rope import apply_rope
+from quant import native
 
 
 @dataclass(slots=True)
@@ -115,7 +116,23 @@ class Attention(nn.Module):
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: AttnInputs) -> torch.Tensor:
         """Rope, cache and attention for one sequence: q [B, T, H, d], k/v [B, T, Hkv, d] -> [B, T, H*d]."""
+        if q.shape[:2] == (1, 1) and a.mask is None and q.dtype == torch.float32 and q.device.type == "cpu" \
+                and (lib := native.library()) is not None:  # one decode token: one native call
+            return self._attend_native(lib, q, k, v, a)
         q = apply_rope(q.transpose(1, 2), a.cos, a.sin)  # [B, H, T, d]
         k = apply_rope(k.transpose(1, 2), a.cos, a.sin)  # [B, Hkv, T, d]
         k, v = a.cache.update(self.layer, k, v.transpose(1, 2))
         return attend(q, k, v, a.mask, self.scale)
+
+    def _attend_native(self, lib, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, a: AttnInputs) -> torch.Tensor:
+        """_attend for one token of one sequence in quant/native.c (rope, cache write, attention): the same
+        arithmetic as the torch path, in one call instead of some twenty small ops."""
+        d, pos = self.head_dim, a.cache.length
+        q, k, v = (z.reshape(-1, d).contiguous() for z in (q, k, v))  # [H, d], [Hkv, d]
+        kb, vb = a.cache.reserve(self.layer, pos + 1, k.view(1, self.n_kv, 1, d), v.view(1, self.n_kv, 1, d))
+        cos, sin = a.cos.float().contiguous(), a.sin.float().contiguous()
+        out = torch.empty(1, 1, self.n_heads * d)
+        lib.moed_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                  kb.data_ptr(), vb.data_ptr(), kb.shape[2], pos, self.n_heads, self.n_kv, d,
+                                  self.scale, out.data_ptr())
+        return out

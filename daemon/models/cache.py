@@ -16,8 +16,15 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store new k/v [B, H, T, d] after the committed ones; return all so far."""
-        t = k.shape[2]
-        end = self.length + t
+        end = self.length + k.shape[2]
+        kb, vb = self.reserve(layer, end, k, v)
+        kb[:, :, self.length:end] = k
+        vb[:, :, self.length:end] = v
+        return kb[:, :, :end], vb[:, :, :end]
+
+    def reserve(self, layer: int, end: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's key and value buffers [B, H, capacity, d] (contiguous), grown to hold `end` positions;
+        k/v [B, H, T, d] give their shape and dtype. The committed positions are kept."""
         kb, vb = self._k[layer], self._v[layer]
         if kb is None or kb.shape[2] < end:
             cap = max(self.capacity, end)
@@ -26,9 +33,7 @@ class KVCache:
             kb = _grow(kb, k, cap, self.length)
             vb = _grow(vb, v, cap, self.length)
             self._k[layer], self._v[layer] = kb, vb
-        kb[:, :, self.length:end] = k
-        vb[:, :, self.length:end] = v
-        return kb[:, :, :end], vb[:, :, :end]
+        return kb, vb
 
     def advance(self, t: int) -> None:
         """Commit t positions written by the last forward."""

@@ -149,7 +149,8 @@ class Native(PooledBackend, name="native"):
         xs = _as_array(x)
         y = np.empty((len(experts), xs.shape[0], d), dtype=np.float32)
         calls = (native.Expert * len(experts))(*(e.call for e in experts))
-        native.library().moed_ffn_many(xs.ctypes.data, xs.shape[0], len(experts), ctypes.addressof(calls), y.ctypes.data)
+        native.library().moed_ffn_many(xs.ctypes.data, xs.shape[0], len(experts), ctypes.addressof(calls),
+                                       y.ctypes.data)
         return list(torch.from_numpy(y).unbind(0))
 
 
