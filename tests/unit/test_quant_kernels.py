@@ -172,7 +172,7 @@ def test_native_splits_a_large_matrix_over_its_workers(bits):
     from quant.kernels.native import SPLIT_CODES
     g = torch.Generator().manual_seed(bits)
     s = scheme("msb")
-    n, k = 1000, 4352  # 1000 rows: not a multiple of 16
+    n, k = 8200, 4096  # 8200 rows: not a multiple of 16
     assert n * k >= SPLIT_CODES
     view = s.view(s.encode(torch.randn(n, k, generator=g), 128), bits)
     x = torch.randn(3, k, generator=g)
