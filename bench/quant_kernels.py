@@ -2,7 +2,8 @@
 """Expert FFN kernels per backend and bit-width: time per call, error against the reference, memory.
 
 For each available backend (reference = dequantise-then-matmul in float32, torch = torch's CPU int4/int8
-weight-only matmuls, onnxruntime = MatMulNBits at accuracy levels 4 and 0, cuda when present), each
+weight-only matmuls, onnxruntime = MatMulNBits at accuracy levels 4 and 0, native = moed's own int8
+kernels in quant/native.c, cuda when present), each
 scheme and r in 8, 6, 4, 3, 2: median seconds of one expert FFN on T tokens, the relative L2 error of its
 output against the reference backend, the bytes its compute form holds, and the time to build that form
 from the planes (the unpack cost the cost model needs). Shapes: one Qwen3-30B-A3B expert
@@ -31,7 +32,7 @@ from bench.quant_quality import machine  # noqa: E402
 BITS = (8, 6, 4, 3, 2)
 SHAPES = {"qwen3-30b-a3b expert": (2048, 768), "tiny expert": (256, 256)}
 BACKENDS = [("reference", {}), ("torch", {}), ("onnxruntime", {"accuracy_level": 4}),
-            ("onnxruntime", {"accuracy_level": 0}), ("cuda", {})]
+            ("onnxruntime", {"accuracy_level": 0}), ("native", {}), ("cuda", {})]
 
 
 def label(name: str, opts: dict) -> str:
@@ -91,7 +92,7 @@ def markdown(res: dict) -> str:
     """Tables: one row per backend, one column per bit-width."""
     tokens = res["tokens"]
     L = ["# Expert FFN kernels: speed and error per backend", "",
-         f"Machine: {res['machine']['cpu']}, {res['machine']['threads']} threads, torch {res['machine']['torch']}, "
+         f"Machine: {res['machine']['cpu']}, {res['machine']['torch_threads']} threads, torch {res['machine']['torch']}, "
          f"onnxruntime {res.get('onnxruntime')}; load average at start {res['loadavg']}, at end "
          f"{res.get('loadavg_end')} (a shared machine: read minima). Command: "
          f"`{res['command']}`. Time: minimum (median) of {res['repeat']} calls; error = ||y - y_ref|| / ||y_ref|| against "
