@@ -583,23 +583,25 @@ class LayerExperts:
                 if p._keep((layer, e), h):
                     p._to_accel((layer, e), h)
 
-            def run_part(part: list[int]) -> dict[int, torch.Tensor]:
-                """Resident experts one after another on one thread (one token: one backend call); unpinned once
-                all have run."""
+            def run_part(part: list[int], parallel: bool = False) -> dict[int, torch.Tensor]:
+                """Resident experts one after another on one thread (one token: one backend call, split over the
+                backend's own threads with `parallel`); unpinned once all have run."""
                 try:
                     if x.shape[0] == 1:
-                        return dict(zip(part, cpu.ffn_many(x, [held[e].form for e in part])))
+                        return dict(zip(part, cpu.ffn_many(x, [held[e].form for e in part], parallel)))
                     return {e: cpu.ffn(inp(e), held[e].form) for e in part}
                 finally:
                     for e in part:
                         unpin(e)
 
-            # resident experts: one share per worker (one hand-off each, not one per expert); with nothing
-            # to wait for, the caller runs the last share itself
-            shares = _shares(ram, counts, cpu.threads if cpu.concurrent else 1)
-            inline = shares.pop() if shares and not missing and not accel else []
+            if x.shape[0] == 1 and cpu.threads_inside and not missing and not accel:
+                shares, inline = [], ram  # one token, nothing to wait for: one call, split over the backend's threads
+            else:  # resident experts: one share per worker (one hand-off each, not one per expert); with nothing
+                # to wait for, the caller runs the last share itself
+                shares = _shares(ram, counts, cpu.threads if cpu.concurrent else 1)
+                inline = shares.pop() if shares and not missing and not accel else []
             parts = [cpu.pool.submit(run_part, s) if cpu.concurrent else run_part(s) for s in shares]
-            ran = run_part(inline)
+            ran = run_part(inline, parallel=not shares)
             while fetches:  # in the order reads complete: a streamed expert frees its room after its use
                 ready, _ = wait(list(fetches.values()), return_when=FIRST_COMPLETED)
                 for e in [e for e, f in fetches.items() if f in ready]:

@@ -1,6 +1,7 @@
 /* moed's native helpers, compiled on first use by quant/native.py (cc -O3 -march=native) and called through
  * ctypes. Each has a numpy twin it is tested against bit for bit (tests/unit/test_quant_planes.py).
  */
+#define _POSIX_C_SOURCE 200809L /* clock_gettime */
 #include <stdint.h>
 #include <string.h>
 
@@ -386,4 +387,174 @@ void moed_rms_norm(const float *x, const float *w, int64_t rows, int64_t n, floa
         const float inv = 1.f / sqrtf(ss / (float)n + eps);
         for (int64_t i = 0; i < n; i++) out[r * n + i] = w ? xr[i] * inv * w[i] : xr[i] * inv;
     }
+}
+
+/* ---- a few threads of our own for the kernels above ----
+ *
+ * Python's thread pool hands a job to a worker through a queue, a futex wake and the GIL: ~0.1 ms on a
+ * small VM, as long as a 4 MiB matrix takes. These workers wait for jobs spinning (yielding the core to
+ * anything else that wants it) for up to SPIN_NS after their last one, so a decode step's next product
+ * finds them awake; then they sleep on a condition variable. A job is fn(arg, part, parts) for part 1..parts-1
+ * on the workers while the caller runs part 0. One job at a time (callers serialise on `busy`); a forked
+ * child starts its own workers.
+ */
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_WORKERS 63
+#define SPIN_NS 2000000L
+
+typedef void (*moed_task)(void *arg, int part, int parts);
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    pthread_mutex_t busy;
+    pid_t pid;
+    int n;
+    _Atomic long gen;
+    _Atomic int pending;
+    moed_task fn;
+    void *arg;
+    int parts;
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, 0, 0, 0, 0, 0, 0, 0};
+
+static long now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000000L + ts.tv_nsec;
+}
+
+typedef struct {
+    int me;    /* the worker runs part me + 1 */
+    long seen; /* the job generation when it was made: it waits for the next */
+} worker_start;
+
+static void *worker_main(void *p) {
+    const int me = ((worker_start *)p)->me;
+    long seen = ((worker_start *)p)->seen;
+    free(p);
+    for (;;) {
+        const long t0 = now_ns();
+        int spins = 0;
+        while (atomic_load_explicit(&pool.gen, memory_order_acquire) == seen) {
+            if (++spins % 64 == 0) {
+                if (now_ns() - t0 > SPIN_NS) {
+                    pthread_mutex_lock(&pool.mu);
+                    while (atomic_load(&pool.gen) == seen) pthread_cond_wait(&pool.cv, &pool.mu);
+                    pthread_mutex_unlock(&pool.mu);
+                    break;
+                }
+                sched_yield();
+            }
+        }
+        seen = atomic_load_explicit(&pool.gen, memory_order_acquire);
+        if (me + 1 < pool.parts) pool.fn(pool.arg, me + 1, pool.parts);
+        atomic_fetch_sub_explicit(&pool.pending, 1, memory_order_release);
+    }
+    return NULL;
+}
+
+/* fn(arg, part, parts) for every part, the caller running part 0; returns once all have. */
+static void run_parts(moed_task fn, void *arg, int parts) {
+    if (parts > MAX_WORKERS + 1) parts = MAX_WORKERS + 1;
+    if (parts <= 1) {
+        fn(arg, 0, 1);
+        return;
+    }
+    pthread_mutex_lock(&pool.busy);
+    if (pool.pid != getpid()) { /* first use, or a forked child: its workers are not there */
+        pool.pid = getpid();
+        pool.n = 0;
+        atomic_store(&pool.gen, 0);
+    }
+    while (pool.n < parts - 1) {
+        pthread_t th;
+        pthread_attr_t at;
+        worker_start *start = malloc(sizeof *start);
+        start->me = pool.n;
+        start->seen = atomic_load(&pool.gen);
+        pthread_attr_init(&at);
+        pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+        if (pthread_create(&th, &at, worker_main, start) != 0) {
+            free(start);
+            pthread_attr_destroy(&at);
+            break;
+        }
+        pthread_attr_destroy(&at);
+        pool.n++;
+    }
+    if (parts - 1 > pool.n) parts = pool.n + 1;
+    pool.fn = fn;
+    pool.arg = arg;
+    pool.parts = parts;
+    atomic_store_explicit(&pool.pending, pool.n, memory_order_relaxed);
+    pthread_mutex_lock(&pool.mu);
+    atomic_fetch_add_explicit(&pool.gen, 1, memory_order_release);
+    pthread_cond_broadcast(&pool.cv);
+    pthread_mutex_unlock(&pool.mu);
+    fn(arg, 0, parts);
+    int spins = 0;
+    while (atomic_load_explicit(&pool.pending, memory_order_acquire) > 0)
+        if (++spins % 64 == 0) sched_yield();
+    pthread_mutex_unlock(&pool.busy);
+}
+
+typedef struct {
+    const uint8_t *xu;
+    const float *dx, *xs;
+    int t;
+    const int8_t *w;
+    const float *s, *z, *e;
+    int64_t n, k;
+    int G, bits;
+    int64_t b0, b1;
+    float *y;
+    int64_t ldy;
+    int accumulate;
+} qgemm_job;
+
+static void qgemm_part(void *arg, int part, int parts) {
+    const qgemm_job *j = arg;
+    const int64_t nb = j->b1 - j->b0;
+    qgemm_blocks(j->xu, j->dx, j->xs, j->t, j->w, j->s, j->z, j->e, j->n, j->k, j->G, j->bits,
+                 j->b0 + nb * part / parts, j->b0 + nb * (part + 1) / parts, j->y, j->ldy, j->accumulate);
+}
+
+/* moed_qgemm with its row blocks split over `threads` threads (the caller's and the workers'). */
+void moed_qgemm_mt(const float *x, int t, const int8_t *w, const float *s, const float *z, const float *e,
+                   int64_t n, int64_t k, int G, int bits, int64_t b0, int64_t b1, float *y, int64_t ldy,
+                   int accumulate, int threads) {
+    const int64_t ng = k / G;
+    uint8_t *xu = malloc((size_t)(t * k));
+    float *dx = malloc(sizeof(float) * (size_t)(2 * t * ng));
+    quantise_x(x, t, k, G, xu, dx, dx + t * ng);
+    qgemm_job j = {xu, dx, dx + t * ng, t, w, s, z, e, n, k, G, bits, b0, b1, y, ldy, accumulate};
+    run_parts(qgemm_part, &j, (int)(threads < b1 - b0 ? threads : b1 - b0));
+    free(xu);
+    free(dx);
+}
+
+typedef struct {
+    const float *x;
+    int t, n;
+    const moed_expert *ex;
+    float *y;
+} ffn_job;
+
+static void ffn_part(void *arg, int part, int parts) {
+    const ffn_job *j = arg;
+    const int a = j->n * part / parts, b = j->n * (part + 1) / parts;
+    int64_t at = 0;
+    for (int i = 0; i < a; i++) at += (int64_t)j->t * j->ex[i].d;
+    moed_ffn_many(j->x, j->t, b - a, j->ex + a, j->y + at);
+}
+
+/* moed_ffn_many with the experts dealt in consecutive runs to `threads` threads. */
+void moed_ffn_many_mt(const float *x, int t, int n, const moed_expert *ex, float *y, int threads) {
+    ffn_job j = {x, t, n, ex, y};
+    run_parts(ffn_part, &j, threads < n ? threads : n);
 }

@@ -1,5 +1,5 @@
-"""Native helpers for hot paths: quant/native.c (bit-plane unpacking, int8 kernels, one decode token's
-attention, RMS norm), compiled on first use.
+"""Native helpers for hot paths: quant/native.c (bit-plane unpacking, int8 kernels and the threads that
+split them, one decode token's attention, RMS norm), compiled on first use.
 
 The source is built with the system's C compiler (`$CC`, else cc) for this CPU into moed's cache
 ($CACHE_DIRECTORY/native under systemd, else $XDG_CACHE_HOME/moed/native, else ~/.cache/moed/native; one file
@@ -75,7 +75,8 @@ def build(out_dir: Path | None = None, extra: tuple[str, ...] = ()) -> Path:
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
     os.close(fd)
     try:
-        r = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True, timeout=120)
+        r = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm", "-lpthread"], capture_output=True, text=True,
+                           timeout=120)
         if r.returncode != 0:
             raise RuntimeError(f"{cc} failed: {(r.stderr or r.stdout).strip()[-2000:]}")
         os.replace(tmp, lib)  # atomic: another process building the same file at once finds a whole one
@@ -119,6 +120,8 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         "moed_qgemm": [P, I, P, P, P, P, L, L, I, I, L, L, P, L, I],
         "moed_ffn": [P, I, L, L, I] + [P, P, P, P, I, I] * 3 + [P],
         "moed_ffn_many": [P, I, I, P, P],
+        "moed_qgemm_mt": [P, I, P, P, P, P, L, L, I, I, L, L, P, L, I, I],
+        "moed_ffn_many_mt": [P, I, I, P, P, I],
         "moed_decode_attention": [P, P, P, P, P, P, P, L, L, I, I, I, ctypes.c_float, P],
         "moed_rms_norm": [P, P, L, L, ctypes.c_float, P],
     }

@@ -36,6 +36,8 @@ class Backend:
     # True: ffn/linear calls on different experts may run at the same time, each on one thread, on
     # `pool`'s workers; False: one call at a time, each using the library's own threads
     concurrent: ClassVar[bool] = False
+    # True: ffn_many(parallel=True) and large linears use threads of the backend's own (no Python hand-off)
+    threads_inside: ClassVar[bool] = False
     _registry: ClassVar[dict[str, type["Backend"]]] = {}
 
     def __init_subclass__(cls, *, name: str, **kw) -> None:
@@ -80,8 +82,9 @@ class Backend:
     def close(self) -> None:
         """Stop any workers the backend started."""
 
-    def ffn_many(self, x: torch.Tensor, experts: list[PreparedExpert]) -> list[torch.Tensor]:
-        """Each expert's output for the same x [T, D], one after another (a backend may make it one call)."""
+    def ffn_many(self, x: torch.Tensor, experts: list[PreparedExpert], parallel: bool = False) -> list[torch.Tensor]:
+        """Each expert's output for the same x [T, D], one after another (a backend may make it one call);
+        with `parallel`, a backend that has `threads_inside` splits them over its own threads."""
         return [self.ffn(x, e) for e in experts]
 
     def ffn(self, x: torch.Tensor, e: PreparedExpert) -> torch.Tensor:

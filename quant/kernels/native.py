@@ -5,8 +5,9 @@ bits, two to a byte at 4 bits or fewer), with three float32 parameters per group
 bits per weight at groups of 128 (a llama.cpp Q8_0 tensor holds 8.5), made in one pass over the codes.
 Activations are quantised per group to int8 (as onnxruntime's MatMulNBits at accuracy level 4); an x86
 CPU with AVX512-VNNI runs the dot products 16 rows at a time with vpdpbusd, any other CPU the same
-arithmetic in plain C. A whole expert FFN is one call. Calls release the GIL; a layer's experts run side
-by side on the workers, one thread each, and a large matrix's row blocks are split over them.
+arithmetic in plain C. A whole expert FFN is one call. Calls release the GIL. A large matrix's row blocks,
+and a decode step's resident experts, are split over threads of quant/native.c's own, which wait for the
+next job spinning for a while; experts that wait for reads run side by side on the Python workers.
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ from quant.views import ExpertViews, QuantView
 
 ROWS = 16  # rows per block of the compute form
 ACT_CODES = {"silu": 0, "swish": 0, "gelu": 1, "relu": 2}
-# a matrix of at least this many codes is split over the workers by row blocks: below it a hand-off to a
-# worker costs more than the worker saves (one token, 2 cores: 2048x2048 0.24 ms alone vs 0.37 split,
-# 6144x2048 0.64 vs 0.71, but 50304x2048 4.7 vs 3.8-4.2)
-SPLIT_CODES = 32 << 20
+# a matrix of at least this many codes is split over the threads by row blocks (quant/native.c's own
+# threads: a hand-off costs microseconds, not the ~0.1 ms of a Python pool's)
+SPLIT_CODES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +74,10 @@ class NativeExpert(PreparedExpert):
 
 
 class Native(PooledBackend, name="native"):
-    """moed's int8 kernels on the store's codes (quant/native.c), run side by side on `threads` workers."""
+    """moed's int8 kernels on the store's codes (quant/native.c), run side by side on `threads` workers, or
+    split over quant/native.c's own threads (large linears; ffn_many(parallel=True))."""
+
+    threads_inside = True
 
     @classmethod
     def available(cls) -> bool:
@@ -110,20 +113,11 @@ class Native(PooledBackend, name="native"):
         xs = _as_array(x)
         t = xs.shape[0]
         y = np.empty((t, form.n), dtype=np.float32)
+        threads = self.threads if form.n * form.k >= SPLIT_CODES else 1
         lib = native.library()
-
-        def run(span: tuple[int, int]) -> None:
-            for i, term in enumerate(form.terms):
-                lib.moed_qgemm(xs.ctypes.data, t, *term.args(), form.n, form.k, form.group, term.bits, span[0],
-                               span[1], y.ctypes.data, form.n, int(i > 0))
-
-        parts = min(self.threads, form.blocks) if form.n * form.k >= SPLIT_CODES else 1
-        edges = [form.blocks * i // parts for i in range(parts + 1)]
-        spans = list(zip(edges, edges[1:]))
-        if len(spans) == 1:
-            run(spans[0])
-        else:
-            self.split(run, spans)
+        for i, term in enumerate(form.terms):
+            lib.moed_qgemm_mt(xs.ctypes.data, t, *term.args(), form.n, form.k, form.group, term.bits, 0, form.blocks,
+                              y.ctypes.data, form.n, int(i > 0), threads)
         return torch.from_numpy(y)
 
     def form_nbytes(self, form: NativeMatrix) -> int:
@@ -143,7 +137,7 @@ class Native(PooledBackend, name="native"):
     def ffn(self, x: torch.Tensor, e: PreparedExpert) -> torch.Tensor:
         return self.ffn_many(x, [e])[0]
 
-    def ffn_many(self, x: torch.Tensor, experts: list[PreparedExpert]) -> list[torch.Tensor]:
+    def ffn_many(self, x: torch.Tensor, experts: list[PreparedExpert], parallel: bool = False) -> list[torch.Tensor]:
         if not experts:
             return []
         d = experts[0].forms[2].n
@@ -152,8 +146,8 @@ class Native(PooledBackend, name="native"):
         xs = _as_array(x)
         y = np.empty((len(experts), xs.shape[0], d), dtype=np.float32)
         calls = (native.Expert * len(experts))(*(e.call for e in experts))
-        native.library().moed_ffn_many(xs.ctypes.data, xs.shape[0], len(experts), ctypes.addressof(calls),
-                                       y.ctypes.data)
+        native.library().moed_ffn_many_mt(xs.ctypes.data, xs.shape[0], len(experts), ctypes.addressof(calls),
+                                          y.ctypes.data, self.threads if parallel else 1)
         return list(torch.from_numpy(y).unbind(0))
 
 
