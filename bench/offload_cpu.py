@@ -612,6 +612,9 @@ def markdown(res: dict) -> str:
         f"{(mod['gguf_bytes'] - mod['gguf_expert_bytes']) / MiB:.0f} MiB). moed: a store of the same weights, "
         f"experts at {BITS} bits ({mod['moed_kernel']} kernel), {mod['moed_bytes_per_expert'] / MiB:.2f} MiB each "
         f"in RAM (the kernel's compute form); dense weights at {mod['moed_dense_bits']} bits.",
+        "Builds: moed's native kernels are compiled for this CPU (-march=native: AVX512-VNNI where it has it); "
+        "llama.cpp as tools/setup.sh builds it (GGML_NATIVE=OFF with AVX2, FMA and F16C: no AVX512). A llama.cpp "
+        "built for this CPU was not measured: it may be faster than here.",
         f"Memory cap: {cap['method']}" + (f" (not used: {'; '.join(cap['unavailable'])})" if cap['unavailable'] else "")
         + f". cap = base + share * E, base = {cap['base_bytes'] / MiB:.0f} MiB: {cap['base_how']}",
         f"Page cache before each run: {', '.join(f'{k} {v}' for k, v in res['page_cache_eviction'].items())}.",
