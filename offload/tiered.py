@@ -594,14 +594,15 @@ class LayerExperts:
                     for e in part:
                         unpin(e)
 
-            if x.shape[0] == 1 and cpu.threads_inside and not missing and not accel:
-                shares, inline = [], ram  # one token, nothing to wait for: one call, split over the backend's threads
+            together = x.shape[0] == 1 and cpu.threads_inside and not missing and not accel
+            if together:  # one token, nothing to wait for: one call, split over the backend's own threads
+                shares, inline = [], ram
             else:  # resident experts: one share per worker (one hand-off each, not one per expert); with nothing
                 # to wait for, the caller runs the last share itself
                 shares = _shares(ram, counts, cpu.threads if cpu.concurrent else 1)
                 inline = shares.pop() if shares and not missing and not accel else []
             parts = [cpu.pool.submit(run_part, s) if cpu.concurrent else run_part(s) for s in shares]
-            ran = run_part(inline, parallel=not shares)
+            ran = run_part(inline, parallel=together)
             while fetches:  # in the order reads complete: a streamed expert frees its room after its use
                 ready, _ = wait(list(fetches.values()), return_when=FIRST_COMPLETED)
                 for e in [e for e, f in fetches.items() if f in ready]:

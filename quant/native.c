@@ -1,5 +1,6 @@
 /* moed's native helpers, compiled on first use by quant/native.py (cc -O3 -march=native) and called through
- * ctypes. Each has a numpy twin it is tested against bit for bit (tests/unit/test_quant_planes.py).
+ * ctypes. Each is tested against the Python code it stands in for (tests/unit/test_quant_planes.py,
+ * test_quant_kernels.py, test_native_ops.py).
  */
 #define _POSIX_C_SOURCE 200809L /* clock_gettime */
 #include <stdint.h>
@@ -81,54 +82,35 @@ static inline uint32_t bytes_sub(uint32_t x, uint32_t y) {
     return ((x | H) - (y & ~H)) ^ ((x ^ ~y) & H);
 }
 
-/* codes [n, k] (b-bit, mid = 2^(b-1)) -> centred, interleaved codes and 128 * each group's sum of them */
-void moed_interleave(const uint8_t *codes, int64_t n, int64_t k, int G, int mid, uint8_t *out, float *excess) {
-    const int64_t blocks = (n + 15) / 16, ng = k / G;
+/* codes [n, k] of b bits (mid = 2^(b-1)) -> the kernels' layout: above 4 bits centred codes, a run of 4 of
+ * each of a block's 16 rows per 64 bytes; at 4 or fewer uncentred nibbles, runs 2j and 2j + 1 in one 64
+ * bytes. And 128 * each group's sum of centred codes. Rows past n are zero. */
+void moed_interleave(const uint8_t *codes, int64_t n, int64_t k, int G, int bits, uint8_t *out, float *excess) {
+    const int64_t blocks = (n + 15) / 16, ng = k / G, runs = bits <= 4 ? k / 8 : k / 4;
+    const int mid = 1 << (bits - 1);
     const uint32_t mids = 0x01010101u * (uint32_t)mid;
     for (int64_t b = 0; b < blocks; b++)
         for (int r = 0; r < 16; r++) {
             const int64_t row = 16 * b + r;
-            uint8_t *dst = out + b * 16 * k + 4 * r;
+            uint8_t *dst = out + b * 64 * runs + 4 * r;
             float *ex = excess + b * ng * 16 + r;
-            if (row >= n) {  /* padding rows: zero codes, zero excess */
-                for (int64_t j = 0; j < k / 4; j++) memset(dst + 64 * j, 0, 4);
+            if (row >= n) { /* padding rows: zero codes, zero excess */
+                for (int64_t j = 0; j < runs; j++) memset(dst + 64 * j, 0, 4);
                 for (int64_t g = 0; g < ng; g++) ex[16 * g] = 0.f;
                 continue;
             }
             const uint8_t *src = codes + row * k;
-            for (int64_t j = 0; j < k / 4; j++) {
-                uint32_t v;
-                memcpy(&v, src + 4 * j, 4);
-                v = bytes_sub(v, mids);
-                memcpy(dst + 64 * j, &v, 4);
-            }
-            for (int64_t g = 0; g < ng; g++) {
-                int32_t sum = 0;
-                for (int j = 0; j < G; j++) sum += src[g * G + j];
-                ex[16 * g] = 128.f * (float)(sum - G * mid);
-            }
-        }
-}
-
-/* codes [n, k] of b <= 4 bits -> interleaved nibbles (runs 2j and 2j + 1 of a block in one 64-byte run) and
- * 128 * each group's sum of centred codes (mid = 2^(b-1)) */
-void moed_interleave_nibbles(const uint8_t *codes, int64_t n, int64_t k, int G, int mid, uint8_t *out,
-                             float *excess) {
-    const int64_t blocks = (n + 15) / 16, ng = k / G;
-    for (int64_t b = 0; b < blocks; b++)
-        for (int r = 0; r < 16; r++) {
-            const int64_t row = 16 * b + r;
-            uint8_t *dst = out + b * 8 * k + 4 * r;
-            float *ex = excess + b * ng * 16 + r;
-            if (row >= n) {
-                for (int64_t p = 0; p < k / 8; p++) memset(dst + 64 * p, 0, 4);
-                for (int64_t g = 0; g < ng; g++) ex[16 * g] = 0.f;
-                continue;
-            }
-            const uint8_t *src = codes + row * k;
-            for (int64_t p = 0; p < k / 8; p++)
-                for (int q = 0; q < 4; q++)
-                    dst[64 * p + q] = (uint8_t)((src[8 * p + q] & 15) | (src[8 * p + 4 + q] & 15) << 4);
+            if (bits <= 4) /* (the test out of the loops: each is a tight loop of its own) */
+                for (int64_t j = 0; j < runs; j++)
+                    for (int q = 0; q < 4; q++)
+                        dst[64 * j + q] = (uint8_t)((src[8 * j + q] & 15) | (src[8 * j + 4 + q] & 15) << 4);
+            else
+                for (int64_t j = 0; j < runs; j++) {
+                    uint32_t v;
+                    memcpy(&v, src + 4 * j, 4);
+                    v = bytes_sub(v, mids);
+                    memcpy(dst + 64 * j, &v, 4);
+                }
             for (int64_t g = 0; g < ng; g++) {
                 int32_t sum = 0;
                 for (int j = 0; j < G; j++) sum += src[g * G + j];
@@ -270,15 +252,43 @@ static void qgemm_blocks(const uint8_t *xu, const float *dx, const float *xs, in
     }
 }
 
-/* y[t, n] (row stride ldy) = (or += with accumulate) x[t, k] . w^T over row blocks b0..b1-1; w, s, z, e as
- * moed_interleave (bits > 4) or moed_interleave_nibbles (bits <= 4) and moed_interleave_params make them. */
-void moed_qgemm(const float *x, int t, const int8_t *w, const float *s, const float *z, const float *e, int64_t n,
-                int64_t k, int G, int bits, int64_t b0, int64_t b1, float *y, int64_t ldy, int accumulate) {
+/* The worker threads' job runner (below): fn(arg, part, parts) for every part, the caller running part 0. */
+typedef void (*moed_task)(void *arg, int part, int parts);
+static void run_parts(moed_task fn, void *arg, int parts);
+
+typedef struct {
+    const uint8_t *xu;
+    const float *dx, *xs;
+    int t;
+    const int8_t *w;
+    const float *s, *z, *e;
+    int64_t n, k;
+    int G, bits;
+    int64_t b0, b1;
+    float *y;
+    int64_t ldy;
+    int accumulate;
+} qgemm_job;
+
+static void qgemm_part(void *arg, int part, int parts) {
+    const qgemm_job *j = arg;
+    const int64_t nb = j->b1 - j->b0;
+    qgemm_blocks(j->xu, j->dx, j->xs, j->t, j->w, j->s, j->z, j->e, j->n, j->k, j->G, j->bits,
+                 j->b0 + nb * part / parts, j->b0 + nb * (part + 1) / parts, j->y, j->ldy, j->accumulate);
+}
+
+/* y[t, n] (row stride ldy) = (or += with accumulate) x[t, k] . w^T over row blocks b0..b1-1, split over
+ * `threads` threads (the caller's and the workers'); w, s, z, e as moed_interleave and moed_interleave_params
+ * make them. */
+void moed_qgemm_mt(const float *x, int t, const int8_t *w, const float *s, const float *z, const float *e,
+                   int64_t n, int64_t k, int G, int bits, int64_t b0, int64_t b1, float *y, int64_t ldy,
+                   int accumulate, int threads) {
     const int64_t ng = k / G;
     uint8_t *xu = malloc((size_t)(t * k));
     float *dx = malloc(sizeof(float) * (size_t)(2 * t * ng));
     quantise_x(x, t, k, G, xu, dx, dx + t * ng);
-    qgemm_blocks(xu, dx, dx + t * ng, t, w, s, z, e, n, k, G, bits, b0, b1, y, ldy, accumulate);
+    qgemm_job j = {xu, dx, dx + t * ng, t, w, s, z, e, n, k, G, bits, b0, b1, y, ldy, accumulate};
+    run_parts(qgemm_part, &j, (int)(threads < b1 - b0 ? threads : b1 - b0));
     free(xu);
     free(dx);
 }
@@ -291,21 +301,8 @@ static float act_fn(float v, int act) {
     }
 }
 
-/* An expert FFN y[t, d] = down(act(gate x) * up x): gate and up [f, d], down [d, f], each (w, s, z, e, G, bits). */
-void moed_ffn(const float *x, int t, int64_t d, int64_t f, int act,
-              const int8_t *wg, const float *sg, const float *zg, const float *eg, int Gg, int bg,
-              const int8_t *wu, const float *su, const float *zu, const float *eu, int Gu, int bu,
-              const int8_t *wd, const float *sd, const float *zd, const float *ed, int Gd, int bd, float *y) {
-    float *h = malloc(sizeof(float) * (size_t)(2 * t * f));
-    float *u = h + t * f;
-    moed_qgemm(x, t, wg, sg, zg, eg, f, d, Gg, bg, 0, (f + 15) / 16, h, f, 0);
-    moed_qgemm(x, t, wu, su, zu, eu, f, d, Gu, bu, 0, (f + 15) / 16, u, f, 0);
-    for (int64_t i = 0; i < t * f; i++) h[i] = act_fn(h[i], act) * u[i];
-    moed_qgemm(h, t, wd, sd, zd, ed, d, f, Gd, bd, 0, (d + 15) / 16, y, d, 0);
-    free(h);
-}
-
-/* One expert for moed_ffn_many: gate, up, down as (w, s, z, e, G, bits) each, its sizes and activation. */
+/* An expert FFN: gate and up [f, d], down [d, f] (matrix i as w, s, z, e, G and bits [i]), its sizes and
+ * activation. */
 typedef struct {
     const int8_t *w[3];
     const float *s[3], *z[3], *e[3];
@@ -314,13 +311,23 @@ typedef struct {
     int act;
 } moed_expert;
 
-/* n experts on the same x [t, d]: y[i] = expert i's FFN of x ([n, t, d]), one after another. */
-void moed_ffn_many(const float *x, int t, int n, const moed_expert *ex, float *y) {
+/* y[t, d] = down(act(gate x) * up x), on this thread. */
+static void ffn(const float *x, int t, const moed_expert *m, float *y) {
+    const int64_t d = m->d, f = m->f;
+    float *h = malloc(sizeof(float) * (size_t)(2 * t * f));
+    float *u = h + t * f;
+    moed_qgemm_mt(x, t, m->w[0], m->s[0], m->z[0], m->e[0], f, d, m->G[0], m->bits[0], 0, (f + 15) / 16, h, f, 0, 1);
+    moed_qgemm_mt(x, t, m->w[1], m->s[1], m->z[1], m->e[1], f, d, m->G[1], m->bits[1], 0, (f + 15) / 16, u, f, 0, 1);
+    for (int64_t i = 0; i < t * f; i++) h[i] = act_fn(h[i], m->act) * u[i];
+    moed_qgemm_mt(h, t, m->w[2], m->s[2], m->z[2], m->e[2], d, f, m->G[2], m->bits[2], 0, (d + 15) / 16, y, d, 0, 1);
+    free(h);
+}
+
+/* n experts on the same x [t, d] one after another: y[i] = expert i's FFN of x ([n, t, d]). */
+static void ffn_many(const float *x, int t, int n, const moed_expert *ex, float *y) {
     for (int i = 0; i < n; i++) {
-        const moed_expert *m = ex + i;
-        moed_ffn(x, t, m->d, m->f, m->act, m->w[0], m->s[0], m->z[0], m->e[0], m->G[0], m->bits[0],
-                 m->w[1], m->s[1], m->z[1], m->e[1], m->G[1], m->bits[1],
-                 m->w[2], m->s[2], m->z[2], m->e[2], m->G[2], m->bits[2], y + (int64_t)i * t * m->d);
+        ffn(x, t, ex + i, y);
+        y += (int64_t)t * ex[i].d;
     }
 }
 
@@ -406,8 +413,6 @@ void moed_rms_norm(const float *x, const float *w, int64_t rows, int64_t n, floa
 
 #define MAX_WORKERS 63
 #define SPIN_NS 2000000L
-
-typedef void (*moed_task)(void *arg, int part, int parts);
 
 static struct {
     pthread_mutex_t mu;
@@ -504,41 +509,6 @@ static void run_parts(moed_task fn, void *arg, int parts) {
 }
 
 typedef struct {
-    const uint8_t *xu;
-    const float *dx, *xs;
-    int t;
-    const int8_t *w;
-    const float *s, *z, *e;
-    int64_t n, k;
-    int G, bits;
-    int64_t b0, b1;
-    float *y;
-    int64_t ldy;
-    int accumulate;
-} qgemm_job;
-
-static void qgemm_part(void *arg, int part, int parts) {
-    const qgemm_job *j = arg;
-    const int64_t nb = j->b1 - j->b0;
-    qgemm_blocks(j->xu, j->dx, j->xs, j->t, j->w, j->s, j->z, j->e, j->n, j->k, j->G, j->bits,
-                 j->b0 + nb * part / parts, j->b0 + nb * (part + 1) / parts, j->y, j->ldy, j->accumulate);
-}
-
-/* moed_qgemm with its row blocks split over `threads` threads (the caller's and the workers'). */
-void moed_qgemm_mt(const float *x, int t, const int8_t *w, const float *s, const float *z, const float *e,
-                   int64_t n, int64_t k, int G, int bits, int64_t b0, int64_t b1, float *y, int64_t ldy,
-                   int accumulate, int threads) {
-    const int64_t ng = k / G;
-    uint8_t *xu = malloc((size_t)(t * k));
-    float *dx = malloc(sizeof(float) * (size_t)(2 * t * ng));
-    quantise_x(x, t, k, G, xu, dx, dx + t * ng);
-    qgemm_job j = {xu, dx, dx + t * ng, t, w, s, z, e, n, k, G, bits, b0, b1, y, ldy, accumulate};
-    run_parts(qgemm_part, &j, (int)(threads < b1 - b0 ? threads : b1 - b0));
-    free(xu);
-    free(dx);
-}
-
-typedef struct {
     const float *x;
     int t, n;
     const moed_expert *ex;
@@ -550,10 +520,11 @@ static void ffn_part(void *arg, int part, int parts) {
     const int a = j->n * part / parts, b = j->n * (part + 1) / parts;
     int64_t at = 0;
     for (int i = 0; i < a; i++) at += (int64_t)j->t * j->ex[i].d;
-    moed_ffn_many(j->x, j->t, b - a, j->ex + a, j->y + at);
+    ffn_many(j->x, j->t, b - a, j->ex + a, j->y + at);
 }
 
-/* moed_ffn_many with the experts dealt in consecutive runs to `threads` threads. */
+/* n experts on the same x [t, d]: y[i] = expert i's FFN of x ([n, t, d]), dealt in consecutive runs to
+ * `threads` threads. */
 void moed_ffn_many_mt(const float *x, int t, int n, const moed_expert *ex, float *y, int threads) {
     ffn_job j = {x, t, n, ex, y};
     run_parts(ffn_part, &j, threads < n ? threads : n);

@@ -115,11 +115,7 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     signatures = {
         "moed_unpack_planes": [ctypes.POINTER(P), I, L, P],
         "moed_interleave": [P, L, L, I, I, P, P],
-        "moed_interleave_nibbles": [P, L, L, I, I, P, P],
         "moed_interleave_params": [P, L, L, P],
-        "moed_qgemm": [P, I, P, P, P, P, L, L, I, I, L, L, P, L, I],
-        "moed_ffn": [P, I, L, L, I] + [P, P, P, P, I, I] * 3 + [P],
-        "moed_ffn_many": [P, I, I, P, P],
         "moed_qgemm_mt": [P, I, P, P, P, P, L, L, I, I, L, L, P, L, I, I],
         "moed_ffn_many_mt": [P, I, I, P, P, I],
         "moed_decode_attention": [P, P, P, P, P, P, P, L, L, I, I, I, ctypes.c_float, P],

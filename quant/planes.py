@@ -126,8 +126,8 @@ def unpack_planes(planes: torch.Tensor | np.ndarray | Sequence, shape: tuple[int
     nbytes = plane_nbytes(numel)
     if not 1 <= r <= PLANES or any(x.shape != (nbytes,) for x in rows):
         raise ValueError(f"planes of shape {[x.shape for x in rows]} do not hold codes of shape {tuple(shape)}")
-    if any(x.dtype != np.uint8 for x in rows):
-        raise TypeError(f"planes must be uint8, got {rows[0].dtype if rows[0].dtype != np.uint8 else rows[-1].dtype}")
+    if (bad := next((x.dtype for x in rows if x.dtype != np.uint8), None)) is not None:
+        raise TypeError(f"planes must be uint8, got {bad}")
     if r == 1:
         return torch.from_numpy(np.unpackbits(rows[0], bitorder="big")).reshape(shape)
     out = np.empty(numel, dtype=np.uint8)

@@ -95,11 +95,9 @@ class Native(PooledBackend, name="native"):
         terms = []
         for i, t in enumerate(view.terms):
             codes = np.ascontiguousarray(t.codes.numpy(), dtype=np.uint8)
-            nibbles = t.bits <= 4
-            packed = np.empty(blocks * ROWS * k // (2 if nibbles else 1), dtype=np.int8)
+            packed = np.empty(blocks * ROWS * k // (2 if t.bits <= 4 else 1), dtype=np.int8)  # nibbles at <= 4 bits
             excess = np.empty((blocks, ng, ROWS), dtype=np.float32)
-            make = lib.moed_interleave_nibbles if nibbles else lib.moed_interleave
-            make(codes.ctypes.data, n, k, g, 1 << (t.bits - 1), packed.ctypes.data, excess.ctypes.data)
+            lib.moed_interleave(codes.ctypes.data, n, k, g, t.bits, packed.ctypes.data, excess.ctypes.data)
             params = []
             for p in (t.scale.float(), offsets if i == 0 else torch.zeros_like(t.zero, dtype=torch.float32)):
                 src = np.ascontiguousarray(p.numpy(), dtype=np.float32)
