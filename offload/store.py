@@ -184,15 +184,16 @@ class Store:
             raise ValueError(f"bits must be in 1..{PLANES}, got {bits}")
         return self.read_sections(layer, expert, 0, bits + 1, scratch)
 
-    def views(self, sections: list, bits: int) -> ExpertViews:
-        """The `bits`-bit views of gate, up and down from an expert's first bits + 1 sections."""
+    def views(self, sections: list, bits: int, packed: bool = False) -> ExpertViews:
+        """The `bits`-bit views of gate, up and down from an expert's first bits + 1 sections (`packed`: codes
+        left as planes where the scheme can, for a backend that reads planes; see Scheme.view)."""
         if len(sections) < bits + 1:
             raise ValueError(f"a {bits}-bit view needs {bits + 1} sections, got {len(sections)}")
         parts = [self.layout.split(s, sections[s]) for s in range(bits + 1)]
         views = []
         for m, shape in enumerate(self.layout.shapes):
             enc = self.scheme.decode(shape, self.manifest.group_size, parts[0][m], [p[m] for p in parts[1:]])
-            views.append(self.scheme.view(enc, bits))
+            views.append(self.scheme.view(enc, bits, packed))
         return ExpertViews(*views)
 
     @staticmethod

@@ -133,7 +133,7 @@ class ExpertSizes:
         """The compute form at `bits` (measured once, on the first layer's expert 0)."""
         key = (backend.name, bits)
         if key not in self._forms:
-            views = self.store.views(self.store.read_expert(self.store.layers[0], 0, bits), bits)
+            views = self.store.views(self.store.read_expert(self.store.layers[0], 0, bits), bits, backend.reads_planes)
             self._forms[key] = backend.prepare_expert(views, self.act).nbytes
         return self._forms[key]
 
@@ -289,9 +289,14 @@ class TieredExperts:
         self._cv.notify_all()
 
     def _evict(self, tier: str, key: Key) -> None:
-        self._held[tier].pop(key, None)
+        self._let_go(tier, self._held[tier].pop(key, None))
         self.tiers[tier].remove(key)
         self._cv.notify_all()
+
+    def _let_go(self, tier: str, held: Held | None) -> None:
+        """A form the tier no longer holds: its backend may make a later form in its memory (Backend.recycle)."""
+        if held is not None:
+            (self.backend if tier == "ram" else self.accel.backend).recycle(held.form)
 
     def _release(self, tier: str, key: Key, nbytes: int) -> None:
         t = self.tiers[tier]
@@ -337,7 +342,7 @@ class TieredExperts:
                 sections = old.sections + self.store.read_sections(layer, e, old.bits + 1, bits + 1)
                 got = self.raw_bytes(bits) - self.raw_bytes(old.bits)
             t1 = time.perf_counter()
-            form = self.backend.prepare_expert(self.store.views(sections, bits), self.act)
+            form = self.backend.prepare_expert(self.store.views(sections, bits, self.backend.reads_planes), self.act)
             self.timings.extend((("read", got, t1 - t0), ("form", got, time.perf_counter() - t1)))
         except BaseException:
             with self._cv:
@@ -361,7 +366,9 @@ class TieredExperts:
         with self._cv:
             t = self.tiers[tier]
             t.remove(key)  # its reservation; re-added below if kept
-            self._held[tier].pop(key, None)
+            old = self._held[tier].pop(key, None)  # (a copy at fewer bits, which this one replaces)
+            if old is not held:
+                self._let_go(tier, old)
             kept = held is not None
             if kept:
                 pinned = [k for k in self._pinned if k != key] + [k for k in self._busy if k != key]
@@ -376,6 +383,8 @@ class TieredExperts:
                 t.add(key, held.nbytes)
                 self._held[tier][key] = held
                 self.stats[tier].peak = max(self.stats[tier].peak, t.used)
+            else:
+                self._let_go(tier, held)
             self._cv.notify_all()
             return kept
 
@@ -421,7 +430,8 @@ class TieredExperts:
             self._link_begin("ram->vram")
         form = None
         try:
-            form = self.accel.backend.prepare_expert(self.store.views(held.sections, held.bits), self.act)
+            views = self.store.views(held.sections, held.bits, self.accel.backend.reads_planes)
+            form = self.accel.backend.prepare_expert(views, self.act)
         finally:
             with self._cv:
                 self._moved("ram->vram", form.nbytes if form is not None else 0)

@@ -82,41 +82,64 @@ static inline uint32_t bytes_sub(uint32_t x, uint32_t y) {
     return ((x | H) - (y & ~H)) ^ ((x ^ ~y) & H);
 }
 
-/* codes [n, k] of b bits (mid = 2^(b-1)) -> the kernels' layout: above 4 bits centred codes, a run of 4 of
- * each of a block's 16 rows per 64 bytes; at 4 or fewer uncentred nibbles, runs 2j and 2j + 1 in one 64
- * bytes. And 128 * each group's sum of centred codes. Rows past n are zero. */
-void moed_interleave(const uint8_t *codes, int64_t n, int64_t k, int G, int bits, uint8_t *out, float *excess) {
-    const int64_t blocks = (n + 15) / 16, ng = k / G, runs = bits <= 4 ? k / 8 : k / 4;
+/* codes [rows, k] of b bits (mid = 2^(b-1)), rows <= 16, -> block b of the kernels' layout: above 4 bits centred
+ * codes, a run of 4 of each of the block's 16 rows per 64 bytes; at 4 or fewer uncentred nibbles, runs 2j and
+ * 2j + 1 in one 64 bytes. And 128 * each group's sum of centred codes. Rows past `rows` are zero. */
+static void interleave_block(const uint8_t *codes, int rows, int64_t b, int64_t k, int G, int bits, uint8_t *out,
+                             float *excess) {
+    const int64_t ng = k / G, runs = bits <= 4 ? k / 8 : k / 4;
     const int mid = 1 << (bits - 1);
     const uint32_t mids = 0x01010101u * (uint32_t)mid;
-    for (int64_t b = 0; b < blocks; b++)
-        for (int r = 0; r < 16; r++) {
-            const int64_t row = 16 * b + r;
-            uint8_t *dst = out + b * 64 * runs + 4 * r;
-            float *ex = excess + b * ng * 16 + r;
-            if (row >= n) { /* padding rows: zero codes, zero excess */
-                for (int64_t j = 0; j < runs; j++) memset(dst + 64 * j, 0, 4);
-                for (int64_t g = 0; g < ng; g++) ex[16 * g] = 0.f;
-                continue;
-            }
-            const uint8_t *src = codes + row * k;
-            if (bits <= 4) /* (the test out of the loops: each is a tight loop of its own) */
-                for (int64_t j = 0; j < runs; j++)
-                    for (int q = 0; q < 4; q++)
-                        dst[64 * j + q] = (uint8_t)((src[8 * j + q] & 15) | (src[8 * j + 4 + q] & 15) << 4);
-            else
-                for (int64_t j = 0; j < runs; j++) {
-                    uint32_t v;
-                    memcpy(&v, src + 4 * j, 4);
-                    v = bytes_sub(v, mids);
-                    memcpy(dst + 64 * j, &v, 4);
-                }
-            for (int64_t g = 0; g < ng; g++) {
-                int32_t sum = 0;
-                for (int j = 0; j < G; j++) sum += src[g * G + j];
-                ex[16 * g] = 128.f * (float)(sum - G * mid);
-            }
+    for (int r = 0; r < 16; r++) {
+        uint8_t *dst = out + b * 64 * runs + 4 * r;
+        float *ex = excess + b * ng * 16 + r;
+        if (r >= rows) { /* padding rows: zero codes, zero excess */
+            for (int64_t j = 0; j < runs; j++) memset(dst + 64 * j, 0, 4);
+            for (int64_t g = 0; g < ng; g++) ex[16 * g] = 0.f;
+            continue;
         }
+        const uint8_t *src = codes + r * k;
+        if (bits <= 4) /* (the test out of the loops: each is a tight loop of its own) */
+            for (int64_t j = 0; j < runs; j++)
+                for (int q = 0; q < 4; q++)
+                    dst[64 * j + q] = (uint8_t)((src[8 * j + q] & 15) | (src[8 * j + 4 + q] & 15) << 4);
+        else
+            for (int64_t j = 0; j < runs; j++) {
+                uint32_t v;
+                memcpy(&v, src + 4 * j, 4);
+                v = bytes_sub(v, mids);
+                memcpy(dst + 64 * j, &v, 4);
+            }
+        for (int64_t g = 0; g < ng; g++) {
+            int32_t sum = 0;
+            for (int j = 0; j < G; j++) sum += src[g * G + j];
+            ex[16 * g] = 128.f * (float)(sum - G * mid);
+        }
+    }
+}
+
+/* codes [n, k] -> the kernels' layout, block by block (interleave_block) */
+void moed_interleave(const uint8_t *codes, int64_t n, int64_t k, int G, int bits, uint8_t *out, float *excess) {
+    for (int64_t b = 0; 16 * b < n; b++)
+        interleave_block(codes + 16 * b * k, n - 16 * b < 16 ? (int)(n - 16 * b) : 16, b, k, G, bits, out, excess);
+}
+
+/* The same from the first r bit-planes of the codes (as moed_unpack_planes takes them, r = bits), a block of
+ * 16 rows unpacked at a time into a buffer of 16 * k bytes that stays in cache: no array of all the codes.
+ * k % 8 == 0. Returns 0, or -1 if the buffer could not be had. */
+int moed_interleave_planes(const uint8_t *const *planes, int r, int64_t n, int64_t k, int G, uint8_t *out,
+                           float *excess) {
+    uint8_t *tmp = malloc((size_t)(16 * k));
+    if (tmp == NULL) return -1;
+    const uint8_t *p[8];
+    for (int64_t b = 0; 16 * b < n; b++) {
+        const int rows = n - 16 * b < 16 ? (int)(n - 16 * b) : 16;
+        for (int t = 0; t < r; t++) p[t] = planes[t] + 2 * b * k; /* 16 rows of k codes: 2k bytes a plane */
+        moed_unpack_planes(p, r, rows * k / 8, tmp);
+        interleave_block(tmp, rows, b, k, G, r, out, excess);
+    }
+    free(tmp);
+    return 0;
 }
 
 void moed_interleave_params(const float *p, int64_t n, int64_t ng, float *out) {

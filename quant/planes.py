@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -153,3 +154,17 @@ def unpack_planes(planes: torch.Tensor | np.ndarray | Sequence, shape: tuple[int
     out = np.empty((w, PLANES), dtype=_WORD)
     out[...] = x.T
     return torch.from_numpy(out.view(np.uint8).reshape(-1)[:numel]).reshape(shape)
+
+
+@dataclass(frozen=True, slots=True)
+class PackedCodes:
+    """Codes of `shape` left as their first r bit-planes (r arrays of numel/8 bytes, most significant first), as
+    unpack_planes takes them: a kernel that reads planes itself (Backend.reads_planes) makes its form from them
+    without an array of all the codes in between."""
+
+    planes: tuple[np.ndarray, ...]
+    shape: tuple[int, int]
+
+    def unpack(self) -> torch.Tensor:
+        """The codes, one byte each."""
+        return unpack_planes(self.planes, self.shape)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from quant.groups import PARAM_DTYPE, grouped, quantize
-from quant.planes import PLANES, pack_planes, plane_nbytes, unpack_planes
+from quant.planes import PLANES, PackedCodes, pack_planes, plane_nbytes, unpack_planes
 from quant.views import AffineTerm, QuantView, msb_view
 
 PARAM_BYTES = torch.finfo(PARAM_DTYPE).bits // 8
@@ -61,8 +61,10 @@ class Scheme:
         """Quantise a float [N, K] matrix into head and 8 planes."""
         raise NotImplementedError
 
-    def view(self, enc: Encoded, bits: int) -> QuantView:
-        """The `bits`-bit view from the first `bits` planes (enc may hold more)."""
+    def view(self, enc: Encoded, bits: int, packed: bool = False) -> QuantView:
+        """The `bits`-bit view from the first `bits` planes (enc may hold more); `packed`: its codes may be left as
+        the planes they are in (PackedCodes, for a backend that reads planes; only where a term's codes are the
+        planes as they are)."""
         raise NotImplementedError
 
     def head_nbytes(self, shape: tuple[int, int], group: int) -> int:
@@ -107,9 +109,10 @@ class MSB(Scheme, name="msb"):
         return Encoded(tuple(w.shape), group, torch.stack([q.scale, q.minimum]), pack_planes(q.codes),
                        (empty,) * PLANES)
 
-    def view(self, enc: Encoded, bits: int) -> QuantView:
+    def view(self, enc: Encoded, bits: int, packed: bool = False) -> QuantView:
         self._check(enc, bits)
-        codes = unpack_planes(enc.planes[:bits], enc.shape)
+        rows = tuple(x.numpy() if isinstance(x, torch.Tensor) else x for x in enc.planes[:bits])
+        codes = PackedCodes(rows, enc.shape) if packed else unpack_planes(rows, enc.shape)
         return msb_view(None, enc.head[0], enc.head[1], bits, enc.group, codes_r=codes)
 
 
@@ -138,7 +141,7 @@ class Residual(Scheme, name="residual"):
             params.append(s[None])
         return Encoded(tuple(w.shape), group, torch.stack([scale, minimum]), pack_planes(code), tuple(params))
 
-    def view(self, enc: Encoded, bits: int) -> QuantView:
+    def view(self, enc: Encoded, bits: int, packed: bool = False) -> QuantView:
         self._check(enc, bits)
         q = unpack_planes(enc.planes[:bits], enc.shape)  # top `bits` bits of the nested code
         s0, m0 = enc.head[0].float(), enc.head[1].float()

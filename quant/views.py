@@ -13,7 +13,7 @@ from quant.groups import expand
 class AffineTerm:
     """w = scale * q + zero per group of `group` along K; q holds `bits` bits."""
 
-    codes: torch.Tensor  # [N, K] uint8 in [0, 2**bits)
+    codes: torch.Tensor  # [N, K] uint8 in [0, 2**bits) (or PackedCodes, for a backend that reads planes)
     bits: int
     scale: torch.Tensor  # [N, K/G] float32
     zero: torch.Tensor  # [N, K/G] float32

@@ -38,6 +38,8 @@ class Backend:
     concurrent: ClassVar[bool] = False
     # True: ffn_many(parallel=True) and large linears use threads of the backend's own (no Python hand-off)
     threads_inside: ClassVar[bool] = False
+    # True: prepare takes views whose codes are still bit-planes (quant.planes.PackedCodes: Store.views(packed=))
+    reads_planes: ClassVar[bool] = False
     _registry: ClassVar[dict[str, type["Backend"]]] = {}
 
     def __init_subclass__(cls, *, name: str, **kw) -> None:
@@ -81,6 +83,10 @@ class Backend:
 
     def close(self) -> None:
         """Stop any workers the backend started."""
+
+    def recycle(self, e: PreparedExpert) -> None:
+        """An expert's compute form is let go (its tier no longer holds it): a backend may make the next form of
+        its size in its memory once nothing refers to it. By default nothing is kept."""
 
     def ffn_many(self, x: torch.Tensor, experts: list[PreparedExpert], parallel: bool = False) -> list[torch.Tensor]:
         """Each expert's output for the same x [T, D], one after another (a backend may make it one call);

@@ -13,6 +13,9 @@ next job spinning for a while; experts that wait for reads run side by side on t
 from __future__ import annotations
 
 import ctypes
+import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +23,7 @@ import torch
 
 from quant import native
 from quant.kernels.base import PooledBackend, PreparedExpert, activation
+from quant.planes import PackedCodes
 from quant.views import ExpertViews, QuantView
 
 ROWS = 16  # rows per block of the compute form
@@ -71,6 +75,45 @@ class NativeExpert(PreparedExpert):
     (holding pointers into the forms, which it lives with)."""
 
     call: native.Expert | None = None
+    slab: np.ndarray | None = None  # the one buffer every array of the forms lies in (Slabs)
+
+
+class Slabs:
+    """Buffers for expert forms, reused. When a tier lets an expert's form go, its buffer waits here (at most
+    SPARE of them, the oldest dropped first) and the next form of the same size is made in it once nothing
+    refers to it any more. A miss then writes into memory already paged in: a fresh buffer's pages cost ~2 us
+    each to fault in on this VM, and under a memory cap each new page can make the kernel reclaim first, which
+    took more time than reading and making the form. Waiting buffers are outside every tier's budget, as freed
+    memory an allocator keeps is."""
+
+    SPARE = 4
+
+    def __init__(self) -> None:
+        self._spare: list[np.ndarray] = []
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """A uint8 buffer of nbytes: a waiting one nothing refers to, else a new one."""
+        with self._lock:
+            for i in range(len(self._spare)):
+                # referred to by the list and getrefcount's argument only: no form or array of one is left
+                if self._spare[i].nbytes == nbytes and sys.getrefcount(self._spare[i]) == 2:
+                    return self._spare.pop(i)
+        return np.empty(nbytes, dtype=np.uint8)
+
+    def give(self, slab: np.ndarray) -> None:
+        """A buffer whose form has been let go."""
+        with self._lock:
+            if any(a is slab for a in self._spare):
+                return
+            self._spare.append(slab)
+            if len(self._spare) > self.SPARE:
+                self._spare.pop(0)
+
+    @property
+    def waiting(self) -> int:
+        """Buffers waiting."""
+        return len(self._spare)
 
 
 class Native(PooledBackend, name="native"):
@@ -83,7 +126,17 @@ class Native(PooledBackend, name="native"):
     def available(cls) -> bool:
         return native.library() is not None
 
+    reads_planes = True
+
+    def __init__(self, threads: int | None = None) -> None:
+        super().__init__(threads)
+        self.slabs = Slabs()
+
     def prepare(self, view: QuantView) -> NativeMatrix:
+        return self._prepare(view, lambda count, dtype: np.empty(count, dtype=dtype))
+
+    def _prepare(self, view: QuantView, alloc: Callable[[int, type], np.ndarray]) -> NativeMatrix:
+        """A matrix's form, its arrays from alloc(count, dtype) in the order _form_counts gives them."""
         lib = native.library()
         n, k = view.shape
         g = view.group
@@ -94,14 +147,21 @@ class Native(PooledBackend, name="native"):
         offsets = sum(t.zero.float() + t.scale.float() * (1 << (t.bits - 1)) for t in view.terms)
         terms = []
         for i, t in enumerate(view.terms):
-            codes = np.ascontiguousarray(t.codes.numpy(), dtype=np.uint8)
-            packed = np.empty(blocks * ROWS * k // (2 if t.bits <= 4 else 1), dtype=np.int8)  # nibbles at <= 4 bits
-            excess = np.empty((blocks, ng, ROWS), dtype=np.float32)
-            lib.moed_interleave(codes.ctypes.data, n, k, g, t.bits, packed.ctypes.data, excess.ctypes.data)
+            packed = alloc(_packed_count(n, k, t.bits), np.int8)  # nibbles at <= 4 bits
+            excess = alloc(blocks * ng * ROWS, np.float32).reshape(blocks, ng, ROWS)
+            if isinstance(t.codes, PackedCodes):  # the planes as read: unpacked 16 rows at a time, in cache
+                if len(t.codes.planes) != t.bits:
+                    raise ValueError(f"{len(t.codes.planes)} planes do not hold {t.bits}-bit codes")
+                ptrs = (ctypes.c_void_p * t.bits)(*(np.ascontiguousarray(p).ctypes.data for p in t.codes.planes))
+                if lib.moed_interleave_planes(ptrs, t.bits, n, k, g, packed.ctypes.data, excess.ctypes.data):
+                    raise MemoryError("no memory for a block of codes")
+            else:
+                codes = np.ascontiguousarray(t.codes.numpy(), dtype=np.uint8)
+                lib.moed_interleave(codes.ctypes.data, n, k, g, t.bits, packed.ctypes.data, excess.ctypes.data)
             params = []
             for p in (t.scale.float(), offsets if i == 0 else torch.zeros_like(t.zero, dtype=torch.float32)):
                 src = np.ascontiguousarray(p.numpy(), dtype=np.float32)
-                out = np.empty((blocks, ng, ROWS), dtype=np.float32)
+                out = alloc(blocks * ng * ROWS, np.float32).reshape(blocks, ng, ROWS)
                 lib.moed_interleave_params(src.ctypes.data, n, ng, out.ctypes.data)
                 params.append(out)
             terms.append(NativeTerm(packed, *params, excess, t.bits))
@@ -123,14 +183,28 @@ class Native(PooledBackend, name="native"):
 
     def prepare_expert(self, views: ExpertViews, act: str) -> PreparedExpert:
         activation(act)
-        forms = tuple(self.prepare(v) for v in (views.gate, views.up, views.down))
+        mats = (views.gate, views.up, views.down)
+        slab = self.slabs.take(sum(_form_bytes(v) for v in mats))
+        at = 0
+
+        def carve(count: int, dtype) -> np.ndarray:
+            nonlocal at
+            size = count * np.dtype(dtype).itemsize
+            at += size
+            return slab[at - size:at].view(dtype)
+
+        forms = tuple(self._prepare(v, carve) for v in mats)
         call = None
         if act in ACT_CODES and all(len(f.terms) == 1 for f in forms):  # one C call computes it
             terms = [f.terms[0] for f in forms]
             ptrs = [(ctypes.c_void_p * 3)(*(t.args()[i] for t in terms)) for i in range(4)]
             call = native.Expert(*ptrs, (ctypes.c_int * 3)(*(f.group for f in forms)),
                                  (ctypes.c_int * 3)(*(t.bits for t in terms)), forms[0].k, forms[0].n, ACT_CODES[act])
-        return NativeExpert(forms, act, views.bits, sum(f.nbytes for f in forms), call)
+        return NativeExpert(forms, act, views.bits, sum(f.nbytes for f in forms), call, slab)
+
+    def recycle(self, e: PreparedExpert) -> None:
+        if isinstance(e, NativeExpert) and e.slab is not None:
+            self.slabs.give(e.slab)
 
     def ffn(self, x: torch.Tensor, e: PreparedExpert) -> torch.Tensor:
         return self.ffn_many(x, [e])[0]
@@ -147,6 +221,17 @@ class Native(PooledBackend, name="native"):
         native.library().moed_ffn_many_mt(xs.ctypes.data, xs.shape[0], len(experts), ctypes.addressof(calls),
                                           y.ctypes.data, self.threads if parallel else 1)
         return list(torch.from_numpy(y).unbind(0))
+
+
+def _packed_count(n: int, k: int, bits: int) -> int:
+    """Bytes of a term's codes in the kernel's layout: blocks of 16 rows, two codes a byte at <= 4 bits."""
+    return -(-n // ROWS) * ROWS * k // (2 if bits <= 4 else 1)
+
+
+def _form_bytes(view: QuantView) -> int:
+    """Bytes of a matrix's form: per term, its codes and three [blocks, K/G, 16] float32 parameter arrays."""
+    n, k = view.shape
+    return sum(_packed_count(n, k, t.bits) + 3 * 4 * -(-n // ROWS) * (k // view.group) * ROWS for t in view.terms)
 
 
 def _as_array(x: torch.Tensor) -> np.ndarray:

@@ -236,3 +236,71 @@ def test_native_runs_several_experts_in_one_call_as_it_runs_each():
     want = ref.ffn(x, ref.prepare_expert(expert("residual", 5, 128, seed=9), "silu"))
     assert rel_err(many[3], want) <= TOLERANCE["native"][5]
     assert b.ffn_many(x, []) == []
+
+
+def packed_expert(bits: int, seed: int = 0) -> tuple[ExpertViews, ExpertViews]:
+    """An msb expert at `bits`: its views with codes unpacked, and with codes left as planes (PackedCodes, what
+    Store.views(packed=True) gives)."""
+    g = torch.Generator().manual_seed(seed)
+    ws = [torch.randn(I, D, generator=g), torch.randn(I, D, generator=g), torch.randn(D, I, generator=g)]
+    s = scheme("msb")
+    enc = [s.encode(w, 32) for w in ws]
+    return (ExpertViews(*(s.view(e, bits) for e in enc)), ExpertViews(*(s.view(e, bits, packed=True) for e in enc)))
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_native_form_from_planes_is_the_form_from_codes(bits):
+    """The native backend makes its form straight from the bit-planes (16 rows unpacked at a time, no array of
+    all the codes): every array equal to the one made from the unpacked codes, padding rows included."""
+    if "native" not in available_backends():
+        pytest.skip("the native kernels are not built here")
+    import numpy as np
+
+    from quant.planes import PackedCodes
+
+    b = get_backend("native")
+    unpacked, packed = packed_expert(bits, seed=bits)
+    assert isinstance(packed.gate.terms[0].codes, PackedCodes) and packed.gate.shape == (I, D)
+    a, p = b.prepare_expert(unpacked, "silu"), b.prepare_expert(packed, "silu")
+    assert a.nbytes == p.nbytes == p.slab.nbytes
+    s, w = scheme("msb"), torch.randn(40, D, generator=torch.Generator().manual_seed(bits))
+    enc = s.encode(w, 32)  # 40 rows: the last block of 16 has 8 padding rows
+    for fa, fp in zip(a.forms + (b.prepare(s.view(enc, bits)),), p.forms + (b.prepare(s.view(enc, bits, True)),)):
+        for ta, tp in zip(fa.terms, fp.terms):
+            for x, y in zip(ta.args(), tp.args()):
+                assert x != y  # distinct arrays...
+            for x, y in zip((ta.codes, ta.scale, ta.offset, ta.excess), (tp.codes, tp.scale, tp.offset, tp.excess)):
+                assert x.dtype == y.dtype and np.array_equal(x, y)  # ...of equal contents
+    x = torch.randn(3, D, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(b.ffn(x, a), b.ffn(x, p))
+
+
+def test_native_reuses_a_recycled_form_buffer_only_once_nothing_refers_to_it():
+    """A form let go (Backend.recycle) leaves its buffer for the next form of the same size, but not while any
+    array of the old form is still referred to; the form made in a reused buffer computes what a fresh one
+    does."""
+    if "native" not in available_backends():
+        pytest.skip("the native kernels are not built here")
+    from quant.kernels.native import Native
+
+    b = Native(threads=1)
+    views = [packed_expert(4, seed=s)[1] for s in range(3)]
+    x = torch.randn(1, D, generator=torch.Generator().manual_seed(6))
+    first = b.prepare_expert(views[0], "silu")
+    slab, held = id(first.slab), first.forms[1].terms[0].codes  # an array of the old form, still referred to
+    b.recycle(first)
+    del first
+    second = b.prepare_expert(views[1], "silu")
+    assert id(second.slab) != slab and b.slabs.waiting == 1  # not reused while `held` refers to it
+    del held
+    third = b.prepare_expert(views[2], "silu")
+    assert id(third.slab) == slab and b.slabs.waiting == 0  # now it is (the waiting buffer was alive: same id)
+    fresh = Native(threads=1)
+    assert torch.equal(b.ffn(x, third), fresh.ffn(x, fresh.prepare_expert(views[2], "silu")))
+    assert torch.equal(b.ffn(x, second), fresh.ffn(x, fresh.prepare_expert(views[1], "silu")))
+    other = b.prepare_expert(packed_expert(8, seed=7)[1], "silu")
+    other_slab = id(other.slab)
+    b.recycle(other)
+    del other
+    assert id(b.prepare_expert(views[0], "silu").slab) != other_slab  # another size: a buffer of its own
+    assert b.slabs.waiting == 1
