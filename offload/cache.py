@@ -85,8 +85,11 @@ class CachePolicy:
         """Bytes the layer may hold in the tier."""
         return tier.capacity if self.shared else tier.capacity // self.n_layers
 
-    def victims(self, key: Key, need: int, tier: Tier, pinned: Iterable[Key] = ()) -> list[Key] | None:
-        """Held experts to evict so that `need` bytes for `key` fit; None if `key` should not be kept."""
+    def victims(self, key: Key, need: int, tier: Tier, pinned: Iterable[Key] = (),
+                chance: float | None = None) -> list[Key] | None:
+        """Held experts to evict so that `need` bytes for `key` fit; None if `key` should not be kept. `chance`:
+        the caller's estimate that `key` is used at its layer's next routing (a read ahead's measured
+        precision), which a policy that weighs what it admits against what it evicts may use."""
         pinned = set(pinned)
         layer = key[0]
         if need > self.budget(tier, layer):
@@ -101,7 +104,7 @@ class CachePolicy:
         if short <= 0:
             return out
         for k in sorted(cands, key=lambda k: (self.rank(k), k)):
-            if not self.admits(key, k):
+            if not self.admits(key, k, chance):
                 return None
             out.append(k)
             short -= tier.held[k]
@@ -109,7 +112,7 @@ class CachePolicy:
                 return out
         return None
 
-    def admits(self, key: Key, victim: Key) -> bool:
+    def admits(self, key: Key, victim: Key, chance: float | None = None) -> bool:
         """Whether `key` may displace `victim` (demand caches: always)."""
         return True
 
@@ -222,8 +225,10 @@ class Moed(CachePolicy):
     def rank(self, key: Key) -> float:
         return self.worth(key)
 
-    def admits(self, key: Key, victim: Key) -> bool:
-        return self.worth(key) >= self.worth(victim)
+    def admits(self, key: Key, victim: Key, chance: float | None = None) -> bool:
+        """Worth at least the victim's; an expert read ahead is worth at least the chance that it is used."""
+        worth = self.worth(key) if chance is None else max(chance, self.worth(key))
+        return worth >= self.worth(victim)
 
 
 def _count_scores(counts: Mapping[int, int]) -> dict[int, float]:

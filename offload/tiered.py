@@ -47,6 +47,9 @@ from offload.views import LinkView, TierView
 from quant.planes import PLANES
 
 
+# a read ahead evicts what the policy values below the measured chance that a predicted expert is used: the
+# share of each prediction the layer then used, averaged with this weight from this prior
+AHEAD_WEIGHT, AHEAD_PRIOR = 0.1, 0.5
 TIMINGS_KEPT = 4096  # measured timings waiting for the cost model (the oldest go first)
 STALL_SECONDS = 30.0  # a reservation that waits this long means the budget cannot serve the layer
 
@@ -184,6 +187,8 @@ class TieredExperts:
         self._pinned: dict[Key, int] = {}
         self._busy: set[Key] = set()  # being read (their reservation is not evictable)
         self._inflight: dict[Key, Future] = {}  # prefetches
+        self._predicted: dict[int, set[int]] = {}  # each layer's experts as last predicted (read ahead)
+        self.ahead_precision = AHEAD_PRIOR  # share of a prediction the layer then used (averaged)
         self._io = ThreadPoolExecutor(max(1, io_threads), thread_name_prefix="moed-io")
         # reads ahead on a worker of their own: a demand read may wait for one, never the reverse
         self._ahead = ThreadPoolExecutor(1, thread_name_prefix="moed-ahead")
@@ -444,7 +449,7 @@ class TieredExperts:
                 return
             t = self.tiers["ram"]
             need = self.read_bytes(self.bits)
-            victims = self.policy.victims(key, need, t, list(self._pinned) + list(self._busy))
+            victims = self.policy.victims(key, need, t, list(self._pinned) + list(self._busy), self.ahead_precision)
             if victims is None or not all(v in self._held["ram"] for v in victims):
                 return
             for v in victims:
@@ -523,6 +528,8 @@ class LayerExperts:
         counts = {e: int(tok.numel()) for e, tok, _ in groups}
         with p._cv:
             p.policy.observe(layer, counts, _router_scores(routing))
+            if pred := p._predicted.pop(layer, None):  # how good the read ahead's prediction for this layer was
+                p.ahead_precision += AHEAD_WEIGHT * (len(pred & counts.keys()) / len(pred) - p.ahead_precision)
             accel = [e for e in counts if (h := p._held["vram"].get((layer, e))) is not None and h.bits >= bits]
             ram = [e for e in counts if e not in accel
                    and (h := p._held["ram"].get((layer, e))) is not None and h.bits >= bits]
@@ -613,6 +620,8 @@ class LayerExperts:
                 inline = shares.pop() if shares and not missing and not accel else []
             parts = [cpu.pool.submit(run_part, s) if cpu.concurrent else run_part(s) for s in shares]
             ran = run_part(inline, parallel=together)
+            if fetches:
+                cpu.idle()  # (what spins on the CPU's threads while reads go on only slows them)
             while fetches:  # in the order reads complete: a streamed expert frees its room after its use
                 ready, _ = wait(list(fetches.values()), return_when=FIRST_COMPLETED)
                 for e in [e for e, f in fetches.items() if f in ready]:
@@ -691,6 +700,8 @@ class LayerExperts:
             pred = router(x)
         ranked = torch.bincount(pred.experts.reshape(-1), minlength=p.store.n_experts(nxt))
         order = [e for e in ranked.argsort(descending=True, stable=True).tolist() if ranked[e] > 0]
+        with p._cv:
+            p._predicted[nxt] = set(order)
         if p.on_read_ahead is not None:
             p.on_read_ahead(nxt, order)
         for e in order:

@@ -424,7 +424,8 @@ void moed_rms_norm(const float *x, const float *w, int64_t rows, int64_t n, floa
  * Python's thread pool hands a job to a worker through a queue, a futex wake and the GIL: ~0.1 ms on a
  * small VM, as long as a 4 MiB matrix takes. These workers wait for jobs spinning (yielding the core to
  * anything else that wants it) for up to SPIN_NS after their last one, so a decode step's next product
- * finds them awake; then they sleep on a condition variable. A job is fn(arg, part, parts) for part 1..parts-1
+ * finds them awake; then they sleep on a condition variable, at once after moed_park (the caller is about to
+ * wait for something else, a read: a spinning worker would only take the core from whoever does it). A job is fn(arg, part, parts) for part 1..parts-1
  * on the workers while the caller runs part 0. One job at a time (callers serialise on `busy`); a forked
  * child starts its own workers.
  */
@@ -445,10 +446,14 @@ static struct {
     int n;
     _Atomic long gen;
     _Atomic int pending;
+    _Atomic int parked;
     moed_task fn;
     void *arg;
     int parts;
-} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, 0, 0, 0, 0, 0, 0, 0};
+} pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, 0, 0, 0, 0, 0, 0, 0, 0};
+
+/* The workers stop spinning until the next job. */
+void moed_park(void) { atomic_store_explicit(&pool.parked, 1, memory_order_relaxed); }
 
 static long now_ns(void) {
     struct timespec ts;
@@ -470,7 +475,7 @@ static void *worker_main(void *p) {
         int spins = 0;
         while (atomic_load_explicit(&pool.gen, memory_order_acquire) == seen) {
             if (++spins % 64 == 0) {
-                if (now_ns() - t0 > SPIN_NS) {
+                if (now_ns() - t0 > SPIN_NS || atomic_load_explicit(&pool.parked, memory_order_relaxed)) {
                     pthread_mutex_lock(&pool.mu);
                     while (atomic_load(&pool.gen) == seen) pthread_cond_wait(&pool.cv, &pool.mu);
                     pthread_mutex_unlock(&pool.mu);
@@ -520,6 +525,7 @@ static void run_parts(moed_task fn, void *arg, int parts) {
     pool.arg = arg;
     pool.parts = parts;
     atomic_store_explicit(&pool.pending, pool.n, memory_order_relaxed);
+    atomic_store_explicit(&pool.parked, 0, memory_order_relaxed);
     pthread_mutex_lock(&pool.mu);
     atomic_fetch_add_explicit(&pool.gen, 1, memory_order_release);
     pthread_cond_broadcast(&pool.cv);

@@ -5,9 +5,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from dataclasses import dataclass
 
 import torch
 
@@ -57,11 +59,27 @@ def skeleton(ckpt: Checkpoint) -> tuple[ModuleType, ModelArgs, CausalLM]:
         raise MoedError(f"num_experts_per_tok={args.num_experts_per_tok} exceeds num_experts={args.num_experts}",
                         ckpt.path)
     try:
-        with torch.device("meta"):
+        with torch.device("meta"), _no_init():
             model = arch.Model(args)
     except ValueError as e:
         raise MoedError(f"unsupported configuration: {e}", ckpt.path) from None
     return arch, args, model
+
+
+@contextmanager
+def _no_init() -> Iterator[None]:
+    """torch.nn.init's functions as no-ops: a module built on the meta device has no values to fill, and
+    filling them there goes through torch's reference ops, which import torch._dynamo and sympy (~40 MiB
+    held for the process's life, and seconds of import)."""
+    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, lambda tensor, *a, **k: tensor)
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
 
 
 def stored_copy(source: Path) -> Path:

@@ -84,6 +84,10 @@ class Backend:
     def close(self) -> None:
         """Stop any workers the backend started."""
 
+    def idle(self) -> None:
+        """The caller is about to wait for something other than this backend (a read): threads of the backend's
+        own that wait for work spinning may sleep now. By default nothing."""
+
     def recycle(self, e: PreparedExpert) -> None:
         """An expert's compute form is let go (its tier no longer holds it): a backend may make the next form of
         its size in its memory once nothing refers to it. By default nothing is kept."""

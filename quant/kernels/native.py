@@ -202,6 +202,9 @@ class Native(PooledBackend, name="native"):
                                  (ctypes.c_int * 3)(*(t.bits for t in terms)), forms[0].k, forms[0].n, ACT_CODES[act])
         return NativeExpert(forms, act, views.bits, sum(f.nbytes for f in forms), call, slab)
 
+    def idle(self) -> None:
+        native.library().moed_park()
+
     def recycle(self, e: PreparedExpert) -> None:
         if isinstance(e, NativeExpert) and e.slab is not None:
             self.slabs.give(e.slab)

@@ -79,3 +79,25 @@ def test_default_model_writes_python_documentation_prose(lm):
     assert len(words) >= 10
     common = {"the", "a", "of", "to", "is", "and", "in", "that", "be", "for", "it", "an", "are", "as", "or"}
     assert sum(w.lower().strip(".,:;()") in common for w in words) >= 3, s.text
+
+
+def test_loading_leaves_torch_init_alone_and_imports_no_compiler():
+    """The model is built on the meta device with torch.nn.init's fills skipped (meta tensors hold no values):
+    filling them there went through torch's reference ops, which import torch._dynamo and sympy, ~40 MiB
+    held for the process's life. In a fresh process: loading imports neither, and torch.nn.init is as it was."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, torch.nn.init as init\n"
+            "before = init.normal_\n"
+            "from daemon.cli import default_model_path\n"
+            "from daemon.loaders.build import load_model\n"
+            "lm = load_model(default_model_path())\n"
+            "assert init.normal_ is before\n"
+            "w = torch.nn.Linear(4, 4).weight\n"
+            "assert w.abs().sum() > 0  # init works again after\n"
+            "print(sorted(m for m in ('sympy', 'torch._dynamo') if m in sys.modules))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "[]"

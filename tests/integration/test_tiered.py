@@ -25,8 +25,8 @@ from offload.routing import Routing
 from offload.store import Store
 from offload.schedule import LayerCosts
 from profiler.trace import read_trace, record_trace
-from offload.tiered import (Accelerator, Amount, Budgets, ExpertSizes, OffloadOptions, TieredExperts, parse_amount,
-                            tiered_experts)
+from offload.tiered import (AHEAD_PRIOR, Accelerator, Amount, Budgets, ExpertSizes, OffloadOptions, TieredExperts,
+                            parse_amount, tiered_experts)
 from quant.kernels import PreparedExpert, available_backends, fast_cpu_backend, get_backend
 from quant.kernels.onnx import OnnxRuntime
 
@@ -214,6 +214,8 @@ def test_prefetch_reads_the_next_layer_ahead_and_a_trace_records_it(store_dir, t
     rec.close()
     p = lm.experts
     assert p.routers and p.link_views()[0].transfers > p.stats["ram"].misses  # misses + reads ahead
+    # the share of each prediction the layer then used, measured (reads ahead may displace experts worth less)
+    assert 0 < p.ahead_precision <= 1 and p.ahead_precision != AHEAD_PRIOR
     p.close()
     trace = read_trace(tmp_path / "t.jsonl")  # what the engine read ahead, for the simulator to replay
     first, *later = trace.header.model.moe_layers

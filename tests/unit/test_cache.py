@@ -66,6 +66,10 @@ def test_moed_shares_budget_across_layers_and_refuses_worse_experts():
     p.observe(1, {5: 1})  # layer 1 changes: its new expert is likely used again (repeat rate ~1)
     assert p.worth((1, 5)) > p.worth((1, 6)) > p.worth((0, 0))
     assert p.victims((1, 5), 1, t) == [(0, 0)]  # one shared pool: another layer's expert goes
+    # read ahead: an expert predicted with a measured chance of use above the lowest worth may displace it
+    assert p.victims((0, 3), 1, t, chance=p.worth((0, 0)) + 0.01) == [(0, 0)]
+    assert p.victims((0, 3), 1, t, chance=p.worth((0, 0)) - 0.01) is None
+    assert LRU(n_layers=1).victims((0, 9), 1, Tier("ram", 1), chance=0.0) == []  # demand caches ignore it
 
 
 def test_unknown_policy_is_a_clear_error():

@@ -230,7 +230,9 @@ def test_native_runs_several_experts_in_one_call_as_it_runs_each():
     many = b.ffn_many(x, experts)
     assert len(many) == 4 and all(torch.equal(y, b.ffn(x, e)) for y, e in zip(many, experts))
     two = get_backend("native", threads=2)  # the experts dealt to quant/native.c's threads: the same outputs
-    for _ in range(50):
+    for i in range(50):  # every other call after the workers are told to sleep at once (idle: a read to wait for)
+        if i % 2:
+            two.idle()
         assert all(torch.equal(y, z) for y, z in zip(two.ffn_many(x, experts * 3, parallel=True), many * 3))
     ref = get_backend("reference")
     want = ref.ffn(x, ref.prepare_expert(expert("residual", 5, 128, seed=9), "silu"))
