@@ -3,6 +3,7 @@
  * test_quant_kernels.py, test_native_ops.py).
  */
 #define _POSIX_C_SOURCE 200809L /* clock_gettime */
+#include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -124,15 +125,15 @@ void moed_interleave(const uint8_t *codes, int64_t n, int64_t k, int G, int bits
         interleave_block(codes + 16 * b * k, n - 16 * b < 16 ? (int)(n - 16 * b) : 16, b, k, G, bits, out, excess);
 }
 
-/* The same from the first r bit-planes of the codes (as moed_unpack_planes takes them, r = bits), a block of
- * 16 rows unpacked at a time into a buffer of 16 * k bytes that stays in cache: no array of all the codes.
- * k % 8 == 0. Returns 0, or -1 if the buffer could not be had. */
-int moed_interleave_planes(const uint8_t *const *planes, int r, int64_t n, int64_t k, int G, uint8_t *out,
-                           float *excess) {
+/* Blocks b0..b1-1 of the same from the first r bit-planes of the codes (as moed_unpack_planes takes them,
+ * r = bits; moed_interleave_planes), a block of 16 rows unpacked at a time into a buffer of 16 * k bytes that
+ * stays in cache: no array of all the codes. k % 8 == 0. Returns 0, or -1 if the buffer could not be had. */
+static int interleave_planes_blocks(const uint8_t *const *planes, int r, int64_t n, int64_t k, int G, uint8_t *out,
+                                    float *excess, int64_t b0, int64_t b1) {
     uint8_t *tmp = malloc((size_t)(16 * k));
     if (tmp == NULL) return -1;
     const uint8_t *p[8];
-    for (int64_t b = 0; 16 * b < n; b++) {
+    for (int64_t b = b0; b < b1; b++) {
         const int rows = n - 16 * b < 16 ? (int)(n - 16 * b) : 16;
         for (int t = 0; t < r; t++) p[t] = planes[t] + 2 * b * k; /* 16 rows of k codes: 2k bytes a plane */
         moed_unpack_planes(p, r, rows * k / 8, tmp);
@@ -278,6 +279,36 @@ static void qgemm_blocks(const uint8_t *xu, const float *dx, const float *xs, in
 /* The worker threads' job runner (below): fn(arg, part, parts) for every part, the caller running part 0. */
 typedef void (*moed_task)(void *arg, int part, int parts);
 static void run_parts(moed_task fn, void *arg, int parts);
+static int try_run_parts(moed_task fn, void *arg, int parts);
+
+typedef struct {
+    const uint8_t *const *planes;
+    int r, G;
+    int64_t n, k;
+    uint8_t *out;
+    float *excess;
+    _Atomic int failed;
+} planes_job;
+
+static void planes_part(void *arg, int part, int parts) {
+    planes_job *j = arg;
+    const int64_t blocks = (j->n + 15) / 16;
+    if (interleave_planes_blocks(j->planes, j->r, j->n, j->k, j->G, j->out, j->excess, blocks * part / parts,
+                                 blocks * (part + 1) / parts))
+        atomic_store(&j->failed, 1);
+}
+
+/* codes of r bits given as their first r bit-planes -> the kernels' layout (interleave_planes_blocks), its
+ * blocks split over `threads` if the workers are free now (a form made while a product runs does not wait
+ * for it, and does not hold up the next). Returns 0, or -1 if a buffer could not be had. */
+int moed_interleave_planes(const uint8_t *const *planes, int r, int64_t n, int64_t k, int G, uint8_t *out,
+                           float *excess, int threads) {
+    planes_job j = {planes, r, G, n, k, out, excess, 0};
+    const int64_t blocks = (n + 15) / 16;
+    if (threads > blocks) threads = (int)blocks;
+    if (threads <= 1 || !try_run_parts(planes_part, &j, threads)) planes_part(&j, 0, 1);
+    return atomic_load(&j.failed) ? -1 : 0;
+}
 
 typedef struct {
     const uint8_t *xu;
@@ -491,6 +522,8 @@ static void *worker_main(void *p) {
     return NULL;
 }
 
+static void run_parts_held(moed_task fn, void *arg, int parts);
+
 /* fn(arg, part, parts) for every part, the caller running part 0; returns once all have. */
 static void run_parts(moed_task fn, void *arg, int parts) {
     if (parts > MAX_WORKERS + 1) parts = MAX_WORKERS + 1;
@@ -499,6 +532,19 @@ static void run_parts(moed_task fn, void *arg, int parts) {
         return;
     }
     pthread_mutex_lock(&pool.busy);
+    run_parts_held(fn, arg, parts);
+}
+
+/* The same if no other job has the workers now (1); else nothing is run (0). */
+static int try_run_parts(moed_task fn, void *arg, int parts) {
+    if (parts > MAX_WORKERS + 1) parts = MAX_WORKERS + 1;
+    if (parts <= 1 || pthread_mutex_trylock(&pool.busy) != 0) return 0;
+    run_parts_held(fn, arg, parts);
+    return 1;
+}
+
+/* run_parts with pool.busy held (released on return) */
+static void run_parts_held(moed_task fn, void *arg, int parts) {
     if (pool.pid != getpid()) { /* first use, or a forked child: its workers are not there */
         pool.pid = getpid();
         pool.n = 0;

@@ -126,7 +126,7 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         fn.argtypes, fn.restype = argtypes, None
     lib.moed_has_vnni.argtypes, lib.moed_has_vnni.restype = [], I
     lib.moed_park.argtypes, lib.moed_park.restype = [], None
-    lib.moed_interleave_planes.argtypes = [ctypes.POINTER(P), I, L, L, I, P, P]
+    lib.moed_interleave_planes.argtypes = [ctypes.POINTER(P), I, L, L, I, P, P, I]
     lib.moed_interleave_planes.restype = I
     return lib
 

@@ -153,7 +153,8 @@ class Native(PooledBackend, name="native"):
                 if len(t.codes.planes) != t.bits:
                     raise ValueError(f"{len(t.codes.planes)} planes do not hold {t.bits}-bit codes")
                 ptrs = (ctypes.c_void_p * t.bits)(*(np.ascontiguousarray(p).ctypes.data for p in t.codes.planes))
-                if lib.moed_interleave_planes(ptrs, t.bits, n, k, g, packed.ctypes.data, excess.ctypes.data):
+                if lib.moed_interleave_planes(ptrs, t.bits, n, k, g, packed.ctypes.data, excess.ctypes.data,
+                                              self.threads):
                     raise MemoryError("no memory for a block of codes")
             else:
                 codes = np.ascontiguousarray(t.codes.numpy(), dtype=np.uint8)
