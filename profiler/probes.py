@@ -125,16 +125,23 @@ def torch_ffn_runner(experts: list[tuple[torch.Tensor, ...]], act: str = "silu")
 
 
 def quant_ffn_runners(experts: list[tuple[torch.Tensor, ...]], device: str, bits: tuple[int, ...],
-                      act: str = "silu") -> tuple[list[tuple[str, Runner]], list[str]]:
-    """(op, runner) per quant backend available on `device` and bit-width; notes on what was skipped."""
+                      act: str = "silu", together: int = 1) -> tuple[list[tuple[str, Runner]], list[str], set[str]]:
+    """(op, runner) per quant backend available on `device` and bit-width; notes on what was skipped; the ops
+    whose one-token runner runs `together` experts.
+
+    together > 1: a backend with threads of its own (Backend.threads_inside) runs one token through `together`
+    experts in one call split over its threads (ffn_many(parallel=True)), as the tiered engine runs a decode
+    layer's resident experts; its one-token runner returns those outputs stacked (time it, then divide by
+    `together`: the time an expert adds to such a layer). Other token counts run one expert a call."""
     try:
         from quant.groups import quantize
         from quant.kernels import available_backends, get_backend
         from quant.views import ExpertViews, msb_view
     except ImportError as e:
-        return [], [f"quant kernels not importable ({e}); only the fp32 torch path was probed"]
+        return [], [f"quant kernels not importable ({e}); only the fp32 torch path was probed"], set()
     out: list[tuple[str, Runner]] = []
     notes: list[str] = []
+    batched: set[str] = set()
     codes = [[quantize(m.float().cpu(), 8) for m in ex] for ex in experts]
     for name in available_backends():
         be = get_backend(name)
@@ -147,21 +154,37 @@ def quant_ffn_runners(experts: list[tuple[torch.Tensor, ...]], device: str, bits
             except Exception as e:  # a backend that cannot hold this bit-width
                 notes.append(f"{name} at {b} bits skipped: {type(e).__name__}: {e}")
                 continue
-            out.append((f"ffn:{device}:{b}:{name}", lambda x, i, be=be, p=prepared: be.ffn(x, p[i % len(p)])))
-    return out, notes
+            op = f"ffn:{device}:{b}:{name}"
+            if together > 1 and be.threads_inside:
+                batched.add(op)
+
+                def run(x, i, be=be, p=prepared):
+                    if x.shape[0] != 1:
+                        return be.ffn(x, p[i % len(p)])
+                    return torch.stack(be.ffn_many(x, [p[(i + j) % len(p)] for j in range(together)], parallel=True))
+            else:
+                def run(x, i, be=be, p=prepared):
+                    return be.ffn(x, p[i % len(p)])
+            out.append((op, run))
+    return out, notes, batched
 
 
 def probe_ffn(shape: ModelShape, plan: ProbePlan, device: str = "cpu") -> tuple[list[Sample], dict, list[str]]:
     """Expert FFN time vs tokens for the fp32 torch path and every quant backend and bit-width."""
-    experts = random_experts(shape, plan.rotate, device)
+    together = shape.top_k if device == "cpu" else 1
+    experts = random_experts(shape, max(plan.rotate, together), device)  # one call's experts all different
     runners: list[tuple[str, Runner]] = [(f"ffn:{device}:32:torch", torch_ffn_runner(experts))]
-    more, notes = quant_ffn_runners(experts, device, plan.ffn_bits)
+    more, notes, batched = quant_ffn_runners(experts, device, plan.ffn_bits, together=together)
     runners += more
     g = torch.Generator().manual_seed(1)
     xs = {t: torch.randn(t, shape.hidden, generator=g).to(device) for t in plan.tokens}
     meta = {op: {"hidden": shape.hidden, "inter": shape.moe_inter} for op, _ in runners}
     points = [(op, t, lambda i, run=run, x=xs[t]: run(x, i)) for op, run in runners for t in plan.tokens]
-    return sweep(points, plan, device), meta, notes
+    if batched:
+        notes.append(f"one token: {shape.top_k} experts a call, split over the backend's threads, as the engine runs "
+                     f"a decode layer's resident experts, per expert ({', '.join(sorted(batched))})")
+    return [Sample(x.op, x.x, x.seconds / shape.top_k) if x.op in batched and x.x == 1 else x
+            for x in sweep(points, plan, device)], meta, notes
 
 
 def probe_attention(shape: ModelShape, plan: ProbePlan, device: str = "cpu") -> tuple[list[Sample], dict]:

@@ -103,3 +103,28 @@ def test_profile_record_holds_facts_samples_and_fit(tmp_path, monkeypatch):
     assert back["costmodel"]["ops"]["flash:read"]["meta"]["cold_verified"] in (True, None)
     text = format_profile(back)
     assert "ffn:cpu:32:torch" in text and "flash:read" in text and "B/s" in text
+
+
+def test_one_token_ffn_is_timed_as_the_engine_runs_a_decode_layer():
+    """A backend with threads of its own (native) runs a decode layer's resident experts in one call split over
+    them: its one-token probe runs top_k experts a call (each the expert's own output) and records the time per
+    expert; other token counts and backends run one expert a call."""
+    from quant.kernels import available_backends, get_backend
+
+    from profiler.probes import quant_ffn_runners, random_experts
+
+    experts = random_experts(SHAPE, 3)
+    runners, _, batched = quant_ffn_runners(experts, "cpu", (4,), together=2)
+    run = dict(runners)
+    want = {f"ffn:cpu:4:{n}" for n in available_backends() if n != "cuda" and get_backend(n).threads_inside}
+    assert batched == want
+    x = torch.randn(1, SHAPE.hidden, generator=torch.Generator().manual_seed(3))
+    for op in batched:
+        one = run[op]
+        got = one(x, 2)  # experts 2 and 0 (rotating over 3)
+        assert got.shape == (2, 1, SHAPE.hidden)
+        for row, e in ((0, 2), (1, 0)):  # each the expert's own output (here from a call of two tokens, one expert)
+            alone = one(torch.cat([x, x]), e)
+            assert alone.shape == (2, SHAPE.hidden) and torch.allclose(got[row], alone[:1], rtol=1e-4, atol=1e-5)
+    _, _, notes = probe_ffn(SHAPE, TINY)
+    assert not batched or any(f"{SHAPE.top_k} experts a call" in n for n in notes)
