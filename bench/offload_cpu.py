@@ -40,7 +40,8 @@ cost model is refined as a serving daemon's is, by the timings its engine report
 base run's, then each moed run's at 8 bits once that run has been predicted; no run is predicted
 from its own timings.
 
-Each configuration runs --repeats times (fresh workers) and the fastest is reported. Writes
+Each configuration runs --repeats times (fresh workers), in turns within a budget (every configuration
+once, then every one again), and the fastest is reported. Writes
 bench/results/offload_cpu.json, .md and .trace.jsonl. The full run takes about as long as
 1 + repeats * (2 + len(policies) + fill runs) * len(shares) model loads and decodes; --quick (tiny
 shapes) is a smoke test.
@@ -477,19 +478,38 @@ class Setup:
     method: str
     repeats: int = 1
 
+    def spec(self, engine: str, policy: str = "", budget: str | int | None = None, trace: Path | None = None,
+             bits: int | str = BITS) -> RunSpec:
+        """A run of `engine` (moed: at `budget` under `policy` and `bits`; recording a trace if given)."""
+        model = self.files.gguf if engine == "llama.cpp" else self.files.store
+        return RunSpec(engine, str(model), self.prompt, self.tokens, self.threads, policy, bits, budget,
+                       None if trace is None else str(trace))
+
     def run(self, engine: str, limit: int | None, label: str, policy: str = "", budget: str | int | None = None,
             trace: Path | None = None, bits: int | str = BITS) -> dict:
-        """The fastest of `repeats` measured runs of `engine` (moed: at `budget` under `policy`) under a cap of
-        `limit` bytes, each in a fresh worker (once when it records a trace): the machine's noise only ever
-        adds time. `repeats_tps` lists every run's decode tok/s (None: it failed)."""
-        model = self.files.gguf if engine == "llama.cpp" else self.files.store
-        spec = RunSpec(engine, str(model), self.prompt, self.tokens, self.threads, policy, bits, budget,
-                       None if trace is None else str(trace))
-        runs = [measure(spec, self.method, limit, label, self.files.model_files())
-                for _ in range(1 if trace is not None else self.repeats)]
-        ok = [r for r in runs if r["status"] == "ok"]
-        best = max(ok, key=lambda r: r["decode_tps"]) if ok else runs[-1]
-        return {**best, "repeats_tps": [r["decode_tps"] if r["status"] == "ok" else None for r in runs]}
+        """One measured run under a cap of `limit` bytes in a fresh worker (the base run, which records a trace)."""
+        return _best([measure(self.spec(engine, policy, budget, trace, bits), self.method, limit, label,
+                              self.files.model_files())])
+
+    def run_all(self, limit: int | None,
+                configs: list[tuple[str, str, str, str | int | None, int | str]]) -> list[dict]:
+        """Each (label, engine, policy, budget, bits) run `repeats` times under a cap of `limit` bytes, each in a
+        fresh worker, in turns (every configuration once, then every one again): a slow spell of this VM then
+        slows one run of several configurations, not every run of one, and the ratios stay fair. For each, the
+        fastest of its runs (the machine's noise only ever adds time)."""
+        runs: list[list[dict]] = [[] for _ in configs]
+        for _ in range(self.repeats):
+            for out, (label, engine, policy, budget, bits) in zip(runs, configs):
+                out.append(measure(self.spec(engine, policy, budget, None, bits), self.method, limit, label,
+                                   self.files.model_files()))
+        return [_best(r) for r in runs]
+
+
+def _best(runs: list[dict]) -> dict:
+    """The fastest run that worked (else the last), with `repeats_tps`: every run's decode tok/s (None: failed)."""
+    ok = [r for r in runs if r["status"] == "ok"]
+    best = max(ok, key=lambda r: r["decode_tps"]) if ok else runs[-1]
+    return {**best, "repeats_tps": [r["decode_tps"] if r["status"] == "ok" else None for r in runs]}
 
 
 def find_base(setup: Setup, trace: Path, given: int | None = None) -> dict:
@@ -526,23 +546,30 @@ def run_budget(setup: Setup, share: float, base: dict, moed_budget: str, policie
     budget = int(share * f.expert_bytes) if moed_budget == "bytes" else f"{100 * share:g}%"
     budget_bytes = budget if isinstance(budget, int) else int(share * moed_expert * n_total)
     held = min(n_total, budget_bytes // moed_expert)
-    llama = setup.run("llama.cpp", cap, f"{label}-llama")
+    fills = [BITS] + extra_bits if fill and share < 1 else []  # what the cap leaves, as llama.cpp's page cache
+    configs = ([(f"{label}-llama", "llama.cpp", "", None, BITS)]
+               + [(f"{label}-{pol}", "moed", pol, budget, BITS) for pol in policies]
+               + [(f"{label}-moed-{bits}", "moed", "moed", budget, bits) for bits in extra_bits]
+               + [(f"{label}-moed-{bits}-fill", "moed", "moed", f"{fill:g}%free", bits) for bits in fills])
+    llama, *measured = setup.run_all(cap, configs)
     llama["simulator"] = compare(predict(trace, sims["llama.cpp"], "llamacpp", int(share * n_total)), llama)
+    results = iter(measured)
 
-    def moed(tag: str, policy: str, ram_budget: str | int, bits: int | str = BITS) -> dict:
-        """One moed run: predicted (where the simulator has its policy), then learned from, for the runs after."""
-        r = setup.run("moed", cap, f"{label}-{tag}", policy, ram_budget, bits=bits)
+    def moed(policy: str, bits: int | str = BITS) -> dict:
+        """The next moed run: predicted (where the simulator has its policy) from the model as the runs before it
+        refined it, then learned from, for the runs after."""
+        r = next(results)
         sim = SIM_POLICY.get(policy) if bits == BITS else None
         r["simulator"] = compare(predict(trace, sims["moed"], sim, held, policy in READ_AHEAD) if sim else None, r,
                                  f"the simulator has no {policy} policy")
         r["learned"] = learn(sims["moed"], trace.header.model, r)
         return r
 
-    runs = {pol: moed(pol, pol, budget) for pol in policies}
+    runs = {pol: moed(pol) for pol in policies}
     for bits in extra_bits:  # moed's own policy at other bit-widths (the same store: a prefix of each expert)
-        runs[f"moed {bits}-bit"] = moed(f"moed-{bits}", "moed", budget, bits)
-    for bits in [BITS] + extra_bits if fill and share < 1 else []:  # what the cap leaves, as llama.cpp's page cache
-        r = moed(f"moed-{bits}-fill", "moed", f"{fill:g}%free", bits)
+        runs[f"moed {bits}-bit"] = moed("moed", bits)
+    for bits in fills:
+        r = moed("moed", bits)
         name = f"moed{'' if bits == BITS else f' {bits}-bit'} {fill:g}%free"
         if r["status"] == "ok":
             name += f" (room for {min(n_total, r['ram_budget'] // r['expert_bytes'])})"
@@ -621,8 +648,9 @@ def markdown(res: dict) -> str:
         f"moed's RAM budget: {res['moed_budget']}.",
         f"Runs: {res['threads']} threads, {res['prompt_tokens']} prompt tokens (same ids for both), "
         f"{res['decode_tokens']} greedy decode tokens; tok/s = decode tokens / decode seconds (prefill excluded); "
-        f"each configuration the fastest of {res['repeats']} runs, each in a fresh worker (this VM's noise, up to "
-        "2x between runs, only ever adds time).",
+        f"each configuration the fastest of {res['repeats']} runs, each in a fresh worker, the configurations of a "
+        "budget taking turns (this VM's noise, up to 2x between runs and drifting over minutes, only ever adds "
+        "time).",
         f"Simulator: {res['simulator']['machine']}; replays {res['trace']} (recorded by the base run) with as many "
         "experts in RAM as each run could hold. It times attention layers (with their norms and routers), experts "
         "and each step's head (embedding, final norm and lm_head), not sampling or the generate loop."
