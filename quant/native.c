@@ -456,9 +456,10 @@ void moed_rms_norm(const float *x, const float *w, int64_t rows, int64_t n, floa
  * small VM, as long as a 4 MiB matrix takes. These workers wait for jobs spinning (yielding the core to
  * anything else that wants it) for up to SPIN_NS after their last one, so a decode step's next product
  * finds them awake; then they sleep on a condition variable, at once after moed_park (the caller is about to
- * wait for something else, a read: a spinning worker would only take the core from whoever does it). A job is fn(arg, part, parts) for part 1..parts-1
- * on the workers while the caller runs part 0. One job at a time (callers serialise on `busy`); a forked
- * child starts its own workers.
+ * wait for something else, a read: a spinning worker would only take the core from whoever does it). A job
+ * is fn(arg, part, parts) for part 1..parts-1 on the workers while the caller runs part 0. One job at a time
+ * (callers serialise on `busy`; try_run_parts runs nothing if another has them); a forked child starts its
+ * own workers.
  */
 #include <pthread.h>
 #include <sched.h>

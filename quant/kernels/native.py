@@ -121,12 +121,11 @@ class Native(PooledBackend, name="native"):
     split over quant/native.c's own threads (large linears; ffn_many(parallel=True))."""
 
     threads_inside = True
+    reads_planes = True
 
     @classmethod
     def available(cls) -> bool:
         return native.library() is not None
-
-    reads_planes = True
 
     def __init__(self, threads: int | None = None) -> None:
         super().__init__(threads)
@@ -136,7 +135,7 @@ class Native(PooledBackend, name="native"):
         return self._prepare(view, lambda count, dtype: np.empty(count, dtype=dtype))
 
     def _prepare(self, view: QuantView, alloc: Callable[[int, type], np.ndarray]) -> NativeMatrix:
-        """A matrix's form, its arrays from alloc(count, dtype) in the order _form_counts gives them."""
+        """A matrix's form, its arrays from alloc(count, dtype) (their bytes add up to _form_bytes(view))."""
         lib = native.library()
         n, k = view.shape
         g = view.group
@@ -152,7 +151,8 @@ class Native(PooledBackend, name="native"):
             if isinstance(t.codes, PackedCodes):  # the planes as read: unpacked 16 rows at a time, in cache
                 if len(t.codes.planes) != t.bits:
                     raise ValueError(f"{len(t.codes.planes)} planes do not hold {t.bits}-bit codes")
-                ptrs = (ctypes.c_void_p * t.bits)(*(np.ascontiguousarray(p).ctypes.data for p in t.codes.planes))
+                planes = [np.ascontiguousarray(p, dtype=np.uint8) for p in t.codes.planes]  # (alive for the call)
+                ptrs = (ctypes.c_void_p * t.bits)(*(p.ctypes.data for p in planes))
                 if lib.moed_interleave_planes(ptrs, t.bits, n, k, g, packed.ctypes.data, excess.ctypes.data,
                                               self.threads):
                     raise MemoryError("no memory for a block of codes")
