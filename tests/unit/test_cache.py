@@ -72,6 +72,28 @@ def test_moed_shares_budget_across_layers_and_refuses_worse_experts():
     assert LRU(n_layers=1).victims((0, 9), 1, Tier("ram", 1), chance=0.0) == []  # demand caches ignore it
 
 
+def test_moed_averages_decay_between_uses_as_if_updated_at_every_routing():
+    """moed's frequency and router-score averages are brought up to date when read: the same worth as
+    updating every expert of the layer at every routing (the definition), to rounding."""
+    rng = random.Random(4)
+    p = Moed(n_layers=2)
+    freq: dict = {}
+    recent: dict = {}
+    for _ in range(300):
+        layer = rng.randrange(2)
+        used = set(rng.sample(range(16), 3))
+        scores = {e: rng.random() for e in used | set(rng.sample(range(16), 3))}
+        p.observe(layer, {e: 1 for e in used}, scores)
+        for e in range(16):  # the definition: every expert of the layer, every routing
+            k = (layer, e)
+            freq[k] = p.slow * (e in used) + (1 - p.slow) * freq.get(k, 0.0)
+            recent[k] = p.fast * scores.get(e, 0.0) + (1 - p.fast) * recent.get(k, 0.0)
+        for e in range(16):
+            k = (layer, e)
+            again = p.repeat.get(layer, 0.0) if e in used else 0.0
+            assert p.worth(k) == pytest.approx(max(freq[k], again) + p.eps * recent[k], rel=1e-9, abs=1e-12)
+
+
 def test_unknown_policy_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown cache policy 'mru'.*lru"):
         make_cache_policy("mru", 1)
