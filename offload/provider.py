@@ -55,7 +55,7 @@ class StoreExperts:
             sections = self.store.read_expert(layer, expert, bits)
         else:  # planes r.bits .. bits-1 are sections r.bits+1 .. bits
             sections = r.sections + self.store.read_sections(layer, expert, r.bits + 1, bits + 1)
-        form = self.backend.prepare_expert(self.store.views(sections, bits, self.backend.reads_planes), self.act)
+        form = self.store.form(self.backend, sections, bits, self.act)
         r = Resident(bits, sections, form)
         self._resident[(layer, expert)] = r
         return r

@@ -7,6 +7,7 @@ import json
 import struct
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from quant.groups import GROUP_SIZES
 from quant.planes import PLANES
 from quant.schemes import Scheme, scheme
 from quant.views import ExpertViews
+
+if TYPE_CHECKING:
+    from quant.kernels import Backend, PreparedExpert
 
 ROWS_CHUNK = 8 << 20  # bytes a matrix read for its rows is verified in at a time
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -195,6 +199,11 @@ class Store:
             enc = self.scheme.decode(shape, self.manifest.group_size, parts[0][m], [p[m] for p in parts[1:]])
             views.append(self.scheme.view(enc, bits, packed))
         return ExpertViews(*views)
+
+    def form(self, backend: "Backend", sections: list, bits: int, act: str) -> "PreparedExpert":
+        """`backend`'s compute form (PreparedExpert) of an expert at `bits` from its first bits + 1 sections: made
+        from the bit-planes as read where the backend reads planes, else from the unpacked codes."""
+        return backend.prepare_expert(self.views(sections, bits, backend.reads_planes), act)
 
     @staticmethod
     def _verify(buf, offset: int, length: int, want: str, name: str, path: Path, file_offset: int) -> None:

@@ -136,8 +136,8 @@ class ExpertSizes:
         """The compute form at `bits` (measured once, on the first layer's expert 0)."""
         key = (backend.name, bits)
         if key not in self._forms:
-            views = self.store.views(self.store.read_expert(self.store.layers[0], 0, bits), bits, backend.reads_planes)
-            self._forms[key] = backend.prepare_expert(views, self.act).nbytes
+            sections = self.store.read_expert(self.store.layers[0], 0, bits)
+            self._forms[key] = self.store.form(backend, sections, bits, self.act).nbytes
         return self._forms[key]
 
     def ram(self, backend: Backend, bits: int, planes: bool) -> int:
@@ -347,7 +347,7 @@ class TieredExperts:
                 sections = old.sections + self.store.read_sections(layer, e, old.bits + 1, bits + 1)
                 got = self.raw_bytes(bits) - self.raw_bytes(old.bits)
             t1 = time.perf_counter()
-            form = self.backend.prepare_expert(self.store.views(sections, bits, self.backend.reads_planes), self.act)
+            form = self.store.form(self.backend, sections, bits, self.act)
             self.timings.extend((("read", got, t1 - t0), ("form", got, time.perf_counter() - t1)))
         except BaseException:
             with self._cv:
@@ -435,8 +435,7 @@ class TieredExperts:
             self._link_begin("ram->vram")
         form = None
         try:
-            views = self.store.views(held.sections, held.bits, self.accel.backend.reads_planes)
-            form = self.accel.backend.prepare_expert(views, self.act)
+            form = self.store.form(self.accel.backend, held.sections, held.bits, self.act)
         finally:
             with self._cv:
                 self._moved("ram->vram", form.nbytes if form is not None else 0)

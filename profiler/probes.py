@@ -155,16 +155,14 @@ def quant_ffn_runners(experts: list[tuple[torch.Tensor, ...]], device: str, bits
                 notes.append(f"{name} at {b} bits skipped: {type(e).__name__}: {e}")
                 continue
             op = f"ffn:{device}:{b}:{name}"
-            if together > 1 and be.threads_inside:
+            many = together > 1 and be.threads_inside
+            if many:
                 batched.add(op)
 
-                def run(x, i, be=be, p=prepared):
-                    if x.shape[0] != 1:
-                        return be.ffn(x, p[i % len(p)])
+            def run(x, i, be=be, p=prepared, many=many):
+                if many and x.shape[0] == 1:
                     return torch.stack(be.ffn_many(x, [p[(i + j) % len(p)] for j in range(together)], parallel=True))
-            else:
-                def run(x, i, be=be, p=prepared):
-                    return be.ffn(x, p[i % len(p)])
+                return be.ffn(x, p[i % len(p)])
             out.append((op, run))
     return out, notes, batched
 

@@ -463,7 +463,6 @@ void moed_rms_norm(const float *x, const float *w, int64_t rows, int64_t n, floa
  */
 #include <pthread.h>
 #include <sched.h>
-#include <stdatomic.h>
 #include <time.h>
 #include <unistd.h>
 

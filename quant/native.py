@@ -120,12 +120,12 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         "moed_ffn_many_mt": [P, I, I, P, P, I],
         "moed_decode_attention": [P, P, P, P, P, P, P, L, L, I, I, I, ctypes.c_float, P],
         "moed_rms_norm": [P, P, L, L, ctypes.c_float, P],
+        "moed_park": [],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, None
     lib.moed_has_vnni.argtypes, lib.moed_has_vnni.restype = [], I
-    lib.moed_park.argtypes, lib.moed_park.restype = [], None
     lib.moed_interleave_planes.argtypes = [ctypes.POINTER(P), I, L, L, I, P, P, I]
     lib.moed_interleave_planes.restype = I
     return lib

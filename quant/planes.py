@@ -164,7 +164,3 @@ class PackedCodes:
 
     planes: tuple[np.ndarray, ...]
     shape: tuple[int, int]
-
-    def unpack(self) -> torch.Tensor:
-        """The codes, one byte each."""
-        return unpack_planes(self.planes, self.shape)

@@ -195,6 +195,7 @@ class Native(PooledBackend, name="native"):
             return slab[at - size:at].view(dtype)
 
         forms = tuple(self._prepare(v, carve) for v in mats)
+        assert at == slab.nbytes, "_form_bytes and _prepare disagree on the form's layout"
         call = None
         if act in ACT_CODES and all(len(f.terms) == 1 for f in forms):  # one C call computes it
             terms = [f.terms[0] for f in forms]
