@@ -58,12 +58,13 @@ void moed_unpack_planes(const uint8_t *const *planes, int r, int64_t n, uint8_t 
  * A matrix w[n, k] = s[n, g] * c[n, k] + z[n, g] (g = k / G; codes c of b <= 8 bits) is held as centred codes
  * c - 2^(b-1) (int8), in blocks of 16 rows: block b is K/4 runs of 64 bytes, run j holding codes 4j..4j+3 of
  * rows 16b..16b+15 (row after row), so that one 64-byte load feeds 16 rows' dot products with four values
- * of x. Per-group parameters are held as [blocks][K/G][16] floats: scale s, offset z + s * 2^(b-1), and
- * 128 * the group's sum of centred codes. Rows past N are zero. x is quantised per group of G to int8
- * (x ~ dx * xq, dx = max|x| / 127) and shifted to unsigned (xq + 128) for the u8 x s8 dot product, whose
- * excess is the stored 128 * sum; centring keeps the activations' rounding off the codes' middle, as
- * onnxruntime's MatMulNBits with its zero point at the middle (accuracy level 4) does. Offsets use the
- * exact group sums of x. Codes of 4 bits or fewer are held two to a byte, uncentred: the low nibbles of a
+ * of x. Per-group parameters are held as [blocks][K/G][16] halves: scale s and offset z + s * 2^(b-1) as
+ * IEEE float16, and the group's sum of centred codes as int16 (|sum| <= 2^(b-1) * G fits for G <= 256): 6
+ * bytes a group and row, not 12 as float32 (a 4-bit expert's form is 8% smaller). Rows past N are zero. x is
+ * quantised per group of G to int8 (x ~ dx * xq, dx = max|x| / 127) and shifted to unsigned (xq + 128) for
+ * the u8 x s8 dot product, whose excess 128 * sum is taken off in int32 (exact); centring keeps the
+ * activations' rounding off the codes' middle, as onnxruntime's MatMulNBits with its zero point at the middle
+ * (accuracy level 4) does. Offsets use the exact group sums of x. Codes of 4 bits or fewer are held two to a byte, uncentred: the low nibbles of a
  * 64-byte run are run 2j, the high nibbles run 2j + 1, centred as they are loaded.
  */
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
@@ -85,18 +86,18 @@ static inline uint32_t bytes_sub(uint32_t x, uint32_t y) {
 
 /* codes [rows, k] of b bits (mid = 2^(b-1)), rows <= 16, -> block b of the kernels' layout: above 4 bits centred
  * codes, a run of 4 of each of the block's 16 rows per 64 bytes; at 4 or fewer uncentred nibbles, runs 2j and
- * 2j + 1 in one 64 bytes. And 128 * each group's sum of centred codes. Rows past `rows` are zero. */
+ * 2j + 1 in one 64 bytes. And each group's sum of centred codes. Rows past `rows` are zero. */
 static void interleave_block(const uint8_t *codes, int rows, int64_t b, int64_t k, int G, int bits, uint8_t *out,
-                             float *excess) {
+                             int16_t *sums) {
     const int64_t ng = k / G, runs = bits <= 4 ? k / 8 : k / 4;
     const int mid = 1 << (bits - 1);
     const uint32_t mids = 0x01010101u * (uint32_t)mid;
     for (int r = 0; r < 16; r++) {
         uint8_t *dst = out + b * 64 * runs + 4 * r;
-        float *ex = excess + b * ng * 16 + r;
-        if (r >= rows) { /* padding rows: zero codes, zero excess */
+        int16_t *ex = sums + b * ng * 16 + r;
+        if (r >= rows) { /* padding rows: zero codes, zero sums */
             for (int64_t j = 0; j < runs; j++) memset(dst + 64 * j, 0, 4);
-            for (int64_t g = 0; g < ng; g++) ex[16 * g] = 0.f;
+            for (int64_t g = 0; g < ng; g++) ex[16 * g] = 0;
             continue;
         }
         const uint8_t *src = codes + r * k;
@@ -114,22 +115,22 @@ static void interleave_block(const uint8_t *codes, int rows, int64_t b, int64_t 
         for (int64_t g = 0; g < ng; g++) {
             int32_t sum = 0;
             for (int j = 0; j < G; j++) sum += src[g * G + j];
-            ex[16 * g] = 128.f * (float)(sum - G * mid);
+            ex[16 * g] = (int16_t)(sum - G * mid);
         }
     }
 }
 
 /* codes [n, k] -> the kernels' layout, block by block (interleave_block) */
-void moed_interleave(const uint8_t *codes, int64_t n, int64_t k, int G, int bits, uint8_t *out, float *excess) {
+void moed_interleave(const uint8_t *codes, int64_t n, int64_t k, int G, int bits, uint8_t *out, int16_t *sums) {
     for (int64_t b = 0; 16 * b < n; b++)
-        interleave_block(codes + 16 * b * k, n - 16 * b < 16 ? (int)(n - 16 * b) : 16, b, k, G, bits, out, excess);
+        interleave_block(codes + 16 * b * k, n - 16 * b < 16 ? (int)(n - 16 * b) : 16, b, k, G, bits, out, sums);
 }
 
 /* Blocks b0..b1-1 of the same from the first r bit-planes of the codes (as moed_unpack_planes takes them,
  * r = bits; moed_interleave_planes), a block of 16 rows unpacked at a time into a buffer of 16 * k bytes that
  * stays in cache: no array of all the codes. k % 8 == 0. Returns 0, or -1 if the buffer could not be had. */
 static int interleave_planes_blocks(const uint8_t *const *planes, int r, int64_t n, int64_t k, int G, uint8_t *out,
-                                    float *excess, int64_t b0, int64_t b1) {
+                                    int16_t *sums, int64_t b0, int64_t b1) {
     uint8_t *tmp = malloc((size_t)(16 * k));
     if (tmp == NULL) return -1;
     const uint8_t *p[8];
@@ -137,21 +138,42 @@ static int interleave_planes_blocks(const uint8_t *const *planes, int r, int64_t
         const int rows = n - 16 * b < 16 ? (int)(n - 16 * b) : 16;
         for (int t = 0; t < r; t++) p[t] = planes[t] + 2 * b * k; /* 16 rows of k codes: 2k bytes a plane */
         moed_unpack_planes(p, r, rows * k / 8, tmp);
-        interleave_block(tmp, rows, b, k, G, r, out, excess);
+        interleave_block(tmp, rows, b, k, G, r, out, sums);
     }
     free(tmp);
     return 0;
 }
 
-void moed_interleave_params(const float *p, int64_t n, int64_t ng, float *out) {
+/* per-group parameters [n, ng] (16-bit values: float16 or int16) -> [blocks][ng][16], rows past n zero */
+void moed_interleave_params(const uint16_t *p, int64_t n, int64_t ng, uint16_t *out) {
     const int64_t blocks = (n + 15) / 16;
     for (int64_t b = 0; b < blocks; b++)
         for (int64_t g = 0; g < ng; g++)
             for (int r = 0; r < 16; r++) {
                 const int64_t row = 16 * b + r;
-                out[(b * ng + g) * 16 + r] = row < n ? p[row * ng + g] : 0.f;
+                out[(b * ng + g) * 16 + r] = row < n ? p[row * ng + g] : 0;
             }
 }
+
+#if !MOED_VNNI
+/* An IEEE float16 (as its bits) as a float: normal, subnormal, zero, infinity and NaN. */
+static float half_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 31u, man = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 31) {
+        bits = sign | 0x7f800000u | man << 13;
+    } else if (exp != 0) {
+        bits = sign | (exp + 112) << 23 | man << 13;
+    } else { /* zero or subnormal: man * 2^-24 */
+        float v = (float)man * 5.9604644775390625e-8f;
+        memcpy(&bits, &v, 4);
+        bits |= sign;
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+#endif
 
 /* x [t, K] -> xu [t, K] = quantised x + 128 (uint8), dx and xs [t, K/G] */
 static void quantise_x(const float *x, int t, int64_t k, int G, uint8_t *xu, float *dx, float *xs) {
@@ -174,8 +196,8 @@ static void quantise_x(const float *x, int t, int64_t k, int G, uint8_t *xu, flo
  * products (two runs of them when packed: nibbles, centred by mid here). nt and packed are constants where
  * this is inlined. */
 static inline __attribute__((always_inline)) void qdot_block(const uint8_t *xu, const float *dx, const float *xs,
-                                                             const int8_t *wb, const float *s, const float *z,
-                                                             const float *e, int64_t b, int64_t k, int G, int i,
+                                                             const int8_t *wb, const uint16_t *s, const uint16_t *z,
+                                                             const int16_t *e, int64_t b, int64_t k, int G, int i,
                                                              const int nt, const int packed, int mid,
                                                              float out[][16]) {
     const int64_t ng = k / G;
@@ -213,10 +235,12 @@ static inline __attribute__((always_inline)) void qdot_block(const uint8_t *xu, 
             }
         }
         const int64_t at = (b * ng + g) * 16;
-        const __m512 sv = _mm512_loadu_ps(s + at), zv = _mm512_loadu_ps(z + at), ev = _mm512_loadu_ps(e + at);
+        const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + at)));
+        const __m512 zv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(z + at)));
+        const __m512i ev = _mm512_slli_epi32(_mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i *)(e + at))), 7);
         for (int u = 0; u < nt; u++) {
             const int64_t q = (int64_t)(i + u) * ng + g;
-            const __m512 dot = _mm512_sub_ps(_mm512_cvtepi32_ps(acc[u]), ev);
+            const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[u], ev));
             acc_f[u] = _mm512_fmadd_ps(dot, _mm512_mul_ps(sv, _mm512_set1_ps(dx[q])), acc_f[u]);
             acc_f[u] = _mm512_fmadd_ps(zv, _mm512_set1_ps(xs[q]), acc_f[u]);
         }
@@ -227,6 +251,11 @@ static inline __attribute__((always_inline)) void qdot_block(const uint8_t *xu, 
         for (int r = 0; r < 16; r++) out[u][r] = 0.f;
     for (int64_t g = 0; g < ng; g++) {
         const int64_t at = (b * ng + g) * 16;
+        float sv[16], zv[16];
+        for (int r = 0; r < 16; r++) {
+            sv[r] = half_float(s[at + r]);
+            zv[r] = half_float(z[at + r]);
+        }
         for (int u = 0; u < nt; u++) {
             int32_t acc[16] = {0};
             const uint8_t *xg = xu + (int64_t)(i + u) * k + g * G;
@@ -243,7 +272,8 @@ static inline __attribute__((always_inline)) void qdot_block(const uint8_t *xu, 
                         acc[r] += c * (int32_t)xg[4 * j + q];
                     }
             const int64_t q = (int64_t)(i + u) * ng + g;
-            for (int r = 0; r < 16; r++) out[u][r] += ((float)acc[r] - e[at + r]) * s[at + r] * dx[q] + z[at + r] * xs[q];
+            for (int r = 0; r < 16; r++)
+                out[u][r] += (float)(acc[r] - 128 * (int32_t)e[at + r]) * sv[r] * dx[q] + zv[r] * xs[q];
         }
     }
 #endif
@@ -253,7 +283,7 @@ static inline __attribute__((always_inline)) void qdot_block(const uint8_t *xu, 
 
 /* Row blocks b0..b1-1 of y[t, n] (row stride ldy) = or += quantised x . w^T, eight tokens at a time */
 static void qgemm_blocks(const uint8_t *xu, const float *dx, const float *xs, int t, const int8_t *w,
-                         const float *s, const float *z, const float *e, int64_t n, int64_t k, int G, int bits,
+                         const uint16_t *s, const uint16_t *z, const int16_t *e, int64_t n, int64_t k, int G, int bits,
                          int64_t b0, int64_t b1, float *y, int64_t ldy, int accumulate) {
     const int packed = bits <= 4, mid = 1 << (bits - 1);
     for (int64_t b = b0; b < b1; b++) {
@@ -286,14 +316,14 @@ typedef struct {
     int r, G;
     int64_t n, k;
     uint8_t *out;
-    float *excess;
+    int16_t *sums;
     _Atomic int failed;
 } planes_job;
 
 static void planes_part(void *arg, int part, int parts) {
     planes_job *j = arg;
     const int64_t blocks = (j->n + 15) / 16;
-    if (interleave_planes_blocks(j->planes, j->r, j->n, j->k, j->G, j->out, j->excess, blocks * part / parts,
+    if (interleave_planes_blocks(j->planes, j->r, j->n, j->k, j->G, j->out, j->sums, blocks * part / parts,
                                  blocks * (part + 1) / parts))
         atomic_store(&j->failed, 1);
 }
@@ -302,8 +332,8 @@ static void planes_part(void *arg, int part, int parts) {
  * blocks split over `threads` if the workers are free now (a form made while a product runs does not wait
  * for it, and does not hold up the next). Returns 0, or -1 if a buffer could not be had. */
 int moed_interleave_planes(const uint8_t *const *planes, int r, int64_t n, int64_t k, int G, uint8_t *out,
-                           float *excess, int threads) {
-    planes_job j = {planes, r, G, n, k, out, excess, 0};
+                           int16_t *sums, int threads) {
+    planes_job j = {planes, r, G, n, k, out, sums, 0};
     const int64_t blocks = (n + 15) / 16;
     if (threads > blocks) threads = (int)blocks;
     if (threads <= 1 || !try_run_parts(planes_part, &j, threads)) planes_part(&j, 0, 1);
@@ -315,7 +345,8 @@ typedef struct {
     const float *dx, *xs;
     int t;
     const int8_t *w;
-    const float *s, *z, *e;
+    const uint16_t *s, *z;
+    const int16_t *e;
     int64_t n, k;
     int G, bits;
     int64_t b0, b1;
@@ -334,7 +365,7 @@ static void qgemm_part(void *arg, int part, int parts) {
 /* y[t, n] (row stride ldy) = (or += with accumulate) x[t, k] . w^T over row blocks b0..b1-1, split over
  * `threads` threads (the caller's and the workers'); w, s, z, e as moed_interleave and moed_interleave_params
  * make them. */
-void moed_qgemm_mt(const float *x, int t, const int8_t *w, const float *s, const float *z, const float *e,
+void moed_qgemm_mt(const float *x, int t, const int8_t *w, const uint16_t *s, const uint16_t *z, const int16_t *e,
                    int64_t n, int64_t k, int G, int bits, int64_t b0, int64_t b1, float *y, int64_t ldy,
                    int accumulate, int threads) {
     const int64_t ng = k / G;
@@ -359,7 +390,8 @@ static float act_fn(float v, int act) {
  * activation. */
 typedef struct {
     const int8_t *w[3];
-    const float *s[3], *z[3], *e[3];
+    const uint16_t *s[3], *z[3];
+    const int16_t *e[3];
     int G[3], bits[3];
     int64_t d, f;
     int act;

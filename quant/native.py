@@ -101,7 +101,7 @@ def library() -> ctypes.CDLL | None:
 
 
 class Expert(ctypes.Structure):
-    """quant/native.c's moed_expert: an expert FFN's three matrices (codes, scale, offset, excess, group, bits),
+    """quant/native.c's moed_expert: an expert FFN's three matrices (codes, scale, offset, sums, group, bits),
     its width d, inner width f and activation."""
 
     _fields_ = [("w", ctypes.c_void_p * 3), ("s", ctypes.c_void_p * 3), ("z", ctypes.c_void_p * 3),

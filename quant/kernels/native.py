@@ -1,8 +1,9 @@
 """The native backend: moed's own int8 kernels (quant/native.c) computing on the store's codes as they are.
 
 A matrix's compute form is its codes, centred and regrouped in blocks of 16 rows (one byte each at 5-8
-bits, two to a byte at 4 bits or fewer), with three float32 parameters per group: about 8.4 (or 4.4)
-bits per weight at groups of 128 (a llama.cpp Q8_0 tensor holds 8.5), made in one pass over the codes.
+bits, two to a byte at 4 bits or fewer), with three 16-bit parameters per group (float16 scale and offset,
+the codes' int16 sum): about 8.4 (or 4.4) bits per weight at groups of 128 (a llama.cpp Q8_0 tensor holds
+8.5), made in one pass over the codes.
 Activations are quantised per group to int8 (as onnxruntime's MatMulNBits at accuracy level 4); an x86
 CPU with AVX512-VNNI runs the dot products 16 rows at a time with vpdpbusd, any other CPU the same
 arithmetic in plain C. A whole expert FFN is one call. Calls release the GIL. A large matrix's row blocks,
@@ -31,22 +32,24 @@ ACT_CODES = {"silu": 0, "swish": 0, "gelu": 1, "relu": 2}
 # a matrix of at least this many codes is split over the threads by row blocks (quant/native.c's own
 # threads: a hand-off costs microseconds, not the ~0.1 ms of a Python pool's)
 SPLIT_CODES = 1 << 20
+MAX_GROUP = 256  # a group's sum of centred codes fits the form's int16 up to this
 
 
 @dataclass(frozen=True, slots=True)
 class NativeTerm:
     """One affine term in the kernel's layout: centred codes [blocks * 16 * K] int8 (or uncentred nibbles, half
-    that); scale, offset and the codes' excess (128 * group sum) [blocks, K/G, 16] float32 (quant/native.c)."""
+    that); scale and offset [blocks, K/G, 16] float16 and the centred codes' sums per group int16 (quant/native.c).
+    """
 
     codes: np.ndarray
     scale: np.ndarray
     offset: np.ndarray
-    excess: np.ndarray
+    sums: np.ndarray
     bits: int  # <= 4: codes two to a byte (nibbles), uncentred
 
     def args(self) -> tuple[int, int, int, int]:
-        """The kernel's pointers to codes, scale, offset and excess."""
-        return self.codes.ctypes.data, self.scale.ctypes.data, self.offset.ctypes.data, self.excess.ctypes.data
+        """The kernel's pointers to codes, scale, offset and sums."""
+        return self.codes.ctypes.data, self.scale.ctypes.data, self.offset.ctypes.data, self.sums.ctypes.data
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +64,7 @@ class NativeMatrix:
     @property
     def nbytes(self) -> int:
         """Bytes held."""
-        return sum(a.nbytes for t in self.terms for a in (t.codes, t.scale, t.offset, t.excess))
+        return sum(a.nbytes for t in self.terms for a in (t.codes, t.scale, t.offset, t.sums))
 
     @property
     def blocks(self) -> int:
@@ -139,33 +142,36 @@ class Native(PooledBackend, name="native"):
         lib = native.library()
         n, k = view.shape
         g = view.group
-        if k % g or g % 8:
-            raise ValueError(f"the native kernels need groups of a multiple of 8 dividing K (got K={k}, group {g})")
+        if k % g or g % 8 or g > MAX_GROUP:
+            raise ValueError(f"the native kernels need groups of a multiple of 8 dividing K, at most {MAX_GROUP} "
+                             f"(got K={k}, group {g})")
         blocks, ng = -(-n // ROWS), k // g
         # w = s * (c - mid) + (z + s * mid): each term's codes centred, the offsets of all terms in the first's
         offsets = sum(t.zero.float() + t.scale.float() * (1 << (t.bits - 1)) for t in view.terms)
         terms = []
         for i, t in enumerate(view.terms):
             packed = alloc(_packed_count(n, k, t.bits), np.int8)  # nibbles at <= 4 bits
-            excess = alloc(blocks * ng * ROWS, np.float32).reshape(blocks, ng, ROWS)
+            sums = alloc(blocks * ng * ROWS, np.int16).reshape(blocks, ng, ROWS)
             if isinstance(t.codes, PackedCodes):  # the planes as read: unpacked 16 rows at a time, in cache
                 if len(t.codes.planes) != t.bits:
                     raise ValueError(f"{len(t.codes.planes)} planes do not hold {t.bits}-bit codes")
                 planes = [np.ascontiguousarray(p, dtype=np.uint8) for p in t.codes.planes]  # (alive for the call)
                 ptrs = (ctypes.c_void_p * t.bits)(*(p.ctypes.data for p in planes))
-                if lib.moed_interleave_planes(ptrs, t.bits, n, k, g, packed.ctypes.data, excess.ctypes.data,
+                if lib.moed_interleave_planes(ptrs, t.bits, n, k, g, packed.ctypes.data, sums.ctypes.data,
                                               self.threads):
                     raise MemoryError("no memory for a block of codes")
             else:
                 codes = np.ascontiguousarray(t.codes.numpy(), dtype=np.uint8)
-                lib.moed_interleave(codes.ctypes.data, n, k, g, t.bits, packed.ctypes.data, excess.ctypes.data)
+                lib.moed_interleave(codes.ctypes.data, n, k, g, t.bits, packed.ctypes.data, sums.ctypes.data)
             params = []
-            for p in (t.scale.float(), offsets if i == 0 else torch.zeros_like(t.zero, dtype=torch.float32)):
-                src = np.ascontiguousarray(p.numpy(), dtype=np.float32)
-                out = alloc(blocks * ng * ROWS, np.float32).reshape(blocks, ng, ROWS)
+            for p in (t.scale, offsets if i == 0 else torch.zeros_like(t.zero)):
+                src = np.ascontiguousarray(p.numpy(), dtype=np.float16)  # stored scales are float16 already
+                if not np.isfinite(src).all():
+                    raise ValueError("a scale or offset exceeds the float16 range of the native kernels' form")
+                out = alloc(blocks * ng * ROWS, np.float16).reshape(blocks, ng, ROWS)
                 lib.moed_interleave_params(src.ctypes.data, n, ng, out.ctypes.data)
                 params.append(out)
-            terms.append(NativeTerm(packed, *params, excess, t.bits))
+            terms.append(NativeTerm(packed, *params, sums, t.bits))
         return NativeMatrix(tuple(terms), n, k, g)
 
     def linear(self, x: torch.Tensor, form: NativeMatrix) -> torch.Tensor:
@@ -217,9 +223,13 @@ class Native(PooledBackend, name="native"):
     def ffn_many(self, x: torch.Tensor, experts: list[PreparedExpert], parallel: bool = False) -> list[torch.Tensor]:
         if not experts:
             return []
+        calls_one = [e for e in experts if getattr(e, "call", None) is not None]
+        if len(calls_one) < len(experts):  # several terms a matrix: three linears; the others' calls as they are
+            ys = dict(zip(map(id, calls_one), self.ffn_many(x, calls_one, parallel)))
+            return [ys[id(e)] if id(e) in ys else super(Native, self).ffn(x, e) for e in experts]
         d = experts[0].forms[2].n
-        if any(getattr(e, "call", None) is None or e.forms[2].n != d for e in experts):
-            return [super(Native, self).ffn(x, e) for e in experts]  # several terms a matrix: three linears
+        if any(e.forms[2].n != d for e in experts):  # widths differ: a call each
+            return [self.ffn_many(x, [e], parallel)[0] for e in experts]
         xs = _as_array(x)
         y = np.empty((len(experts), xs.shape[0], d), dtype=np.float32)
         calls = (native.Expert * len(experts))(*(e.call for e in experts))
@@ -234,9 +244,9 @@ def _packed_count(n: int, k: int, bits: int) -> int:
 
 
 def _form_bytes(view: QuantView) -> int:
-    """Bytes of a matrix's form: per term, its codes and three [blocks, K/G, 16] float32 parameter arrays."""
+    """Bytes of a matrix's form: per term, its codes and three [blocks, K/G, 16] 16-bit parameter arrays."""
     n, k = view.shape
-    return sum(_packed_count(n, k, t.bits) + 3 * 4 * -(-n // ROWS) * (k // view.group) * ROWS for t in view.terms)
+    return sum(_packed_count(n, k, t.bits) + 3 * 2 * -(-n // ROWS) * (k // view.group) * ROWS for t in view.terms)
 
 
 def _as_array(x: torch.Tensor) -> np.ndarray:

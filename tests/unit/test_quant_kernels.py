@@ -217,6 +217,31 @@ def test_native_plain_c_path_computes_what_the_vnni_path_does(tmp_path):
         assert np.allclose(ys[0], ys[1], rtol=1e-5, atol=1e-5 * np.abs(ys[0]).max())
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_native_form_parameters_are_16_bit_and_exact(bits):
+    """A group's parameters take 6 bytes a row in the native form: the scale as stored (float16, exactly), the
+    offset rounded once to float16, and the exact int16 sum of the group's centred codes."""
+    if "native" not in available_backends():
+        pytest.skip("the native kernels are not built here")
+    import numpy as np
+
+    s, g = scheme("msb"), 64
+    view = s.view(s.encode(torch.randn(40, D, generator=torch.Generator().manual_seed(bits)), g), bits)
+    term, form = view.terms[0], get_backend("native").prepare(view).terms[0]
+    blocks, ng = 3, D // g  # 40 rows: 3 blocks of 16, the last with 8 padding rows
+    assert form.scale.dtype == form.offset.dtype == np.float16 and form.sums.dtype == np.int16
+    assert form.scale.shape == form.sums.shape == (blocks, ng, 16)
+    assert form.codes.nbytes + 3 * form.scale.nbytes == blocks * 16 * ((D // 2 if bits <= 4 else D) + 6 * ng)
+    rows = lambda a: np.asarray(a).transpose(0, 2, 1).reshape(blocks * 16, ng)[:40]  # [blocks, ng, 16] -> [N, ng]
+    assert np.array_equal(rows(form.scale).astype(np.float32), term.scale.numpy())
+    mid = 1 << (bits - 1)
+    offset = (term.zero + term.scale * mid).numpy()
+    assert np.array_equal(rows(form.offset), offset.astype(np.float16))
+    centred = term.codes.numpy().astype(np.int32).reshape(40, ng, g) - mid
+    assert np.array_equal(rows(form.sums), centred.sum(-1))
+    assert not np.asarray(form.sums)[-1, :, 8:].any() and not np.asarray(form.scale)[-1, :, 8:].any()
+
+
 def test_native_runs_several_experts_in_one_call_as_it_runs_each():
     """ffn_many (a layer's share of one-token experts in one C call) gives each expert's ffn bit for bit, at
     mixed bit-widths; an expert of several terms a matrix (residual) is computed as three linears."""
@@ -271,7 +296,7 @@ def test_native_form_from_planes_is_the_form_from_codes(bits):
         for ta, tp in zip(fa.terms, fp.terms):
             for x, y in zip(ta.args(), tp.args()):
                 assert x != y  # distinct arrays...
-            for x, y in zip((ta.codes, ta.scale, ta.offset, ta.excess), (tp.codes, tp.scale, tp.offset, tp.excess)):
+            for x, y in zip((ta.codes, ta.scale, ta.offset, ta.sums), (tp.codes, tp.scale, tp.offset, tp.sums)):
                 assert x.dtype == y.dtype and np.array_equal(x, y)  # ...of equal contents
     x = torch.randn(3, D, generator=torch.Generator().manual_seed(5))
     assert torch.equal(b.ffn(x, a), b.ffn(x, p))
