@@ -23,6 +23,7 @@ MACHINES_DIR = Path(__file__).resolve().parent / "machines"
 TOKEN_GRID = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 CONTEXT_GRID = (0, 256, 1024, 4096, 16384, 65536, 131072)
 BYTES_GRID = tuple(4096 << i for i in range(0, 19, 2))  # 4 KiB .. 1 GiB
+HEAD_BITS = 8  # the output projection's precision for its estimate (moed's dense weights with --dense-bits 8)
 DEFAULT_SHARE = 0.8  # share of a tier's memory given to experts when no budget is named
 
 
@@ -68,8 +69,8 @@ class CostTimes:
             if int(op.split(":")[2]) != bits:
                 self.notes.append(f"{dev} experts at {bits} bits timed with {op} (no {bits}-bit kernel probed)")
         if shape.vocab and self._head_op() not in cost.curves:
-            self.notes.append("a step's head (embedding, final norm, lm_head) estimated from attention's time per "
-                              "weight until the engine times it")
+            self.notes.append("a step's head (embedding, final norm, lm_head) estimated from the CPU experts' "
+                              f"kernel's time per weight at {HEAD_BITS} bits until the engine times it")
 
     @staticmethod
     def _dev(device: str) -> str:
@@ -174,7 +175,10 @@ class CostTimes:
     def head(self, tokens: int) -> float:
         """Seconds for a step's head on the main device, its work outside the layers (embedding, final norm,
         the output projection) for `tokens` positions (0 when the shape has no vocabulary size); until the
-        engine has timed it, attention's time per projection weight at no context."""
+        engine has timed it, the output projection's weights at the expert kernel's time per weight at
+        HEAD_BITS (a matrix-vector product a position, as an expert's; attention's time per weight, with its
+        smaller matrices and per-call work, gave 28 ms for the 3.9 ms the engine timed on bench/offload_cpu.py's
+        model)."""
         if not self.shape.vocab:
             return 0.0
         key = ("head", tokens)
@@ -183,7 +187,7 @@ class CostTimes:
             if op in self.cost.curves:
                 t = self.cost.predict(op, tokens) * self.shape.head_params / (meta["hidden"] * meta["vocab"])
             else:
-                t = self.attention(tokens, 0) * self.shape.head_params / self.shape.attn_params
+                t = self._ffn(self.main, tokens, self.shape.head_params, HEAD_BITS)
             self._memo[key] = t
         return self._memo[key]
 
