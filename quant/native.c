@@ -68,10 +68,12 @@ void moed_unpack_planes(const uint8_t *const *planes, int r, int64_t n, uint8_t 
  * 64-byte run are run 2j, the high nibbles run 2j + 1, centred as they are loaded.
  */
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
-#include <immintrin.h>
 #define MOED_VNNI 1
 #else
 #define MOED_VNNI 0
+#endif
+#if MOED_VNNI || defined(__F16C__)
+#include <immintrin.h>
 #endif
 #include <math.h>
 #include <stdlib.h>
@@ -144,15 +146,43 @@ static int interleave_planes_blocks(const uint8_t *const *planes, int r, int64_t
     return 0;
 }
 
-/* per-group parameters [n, ng] (16-bit values: float16 or int16) -> [blocks][ng][16], rows past n zero */
-void moed_interleave_params(const uint16_t *p, int64_t n, int64_t ng, uint16_t *out) {
+/* A float as IEEE float16 bits, rounded to nearest even (as numpy's astype(float16)); beyond float16's range,
+ * infinity. */
+static inline uint16_t float_half(float f) {
+#if defined(__F16C__)
+    return (uint16_t)_cvtss_sh(f, 0); /* _MM_FROUND_TO_NEAREST_INT */
+#else
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);   /* NaN */
+    if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u);  /* >= 65520 (and infinity): infinity */
+    if (ax < 0x38800000u) {                                     /* below 2^-14: a subnormal (or zero) half */
+        float a;
+        memcpy(&a, &ax, 4);
+        return (uint16_t)(sign | (uint32_t)lrintf(a * 16777216.f)); /* 2^24 units; 1024 is the least normal */
+    }
+    uint32_t h = ((ax >> 23) - 112) << 10 | (ax >> 13 & 0x3ffu);
+    const uint32_t rest = ax & 0x1fffu;
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1))) h++; /* a carry into the exponent is right */
+    return (uint16_t)(sign | h);
+#endif
+}
+
+/* per-group float parameters [n, ng] -> float16 [blocks][ng][16] (float_half), rows past n zero. Returns 0, or
+ * -1 if one is not finite as a float16. */
+int moed_interleave_params(const float *p, int64_t n, int64_t ng, uint16_t *out) {
     const int64_t blocks = (n + 15) / 16;
+    int bad = 0;
     for (int64_t b = 0; b < blocks; b++)
         for (int64_t g = 0; g < ng; g++)
             for (int r = 0; r < 16; r++) {
                 const int64_t row = 16 * b + r;
-                out[(b * ng + g) * 16 + r] = row < n ? p[row * ng + g] : 0;
+                const uint16_t h = row < n ? float_half(p[row * ng + g]) : 0;
+                bad |= (h & 0x7c00u) == 0x7c00u;
+                out[(b * ng + g) * 16 + r] = h;
             }
+    return bad ? -1 : 0;
 }
 
 #if !MOED_VNNI

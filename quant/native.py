@@ -115,7 +115,6 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     signatures = {
         "moed_unpack_planes": [ctypes.POINTER(P), I, L, P],
         "moed_interleave": [P, L, L, I, I, P, P],
-        "moed_interleave_params": [P, L, L, P],
         "moed_qgemm_mt": [P, I, P, P, P, P, L, L, I, I, L, L, P, L, I, I],
         "moed_ffn_many_mt": [P, I, I, P, P, I],
         "moed_decode_attention": [P, P, P, P, P, P, P, L, L, I, I, I, ctypes.c_float, P],
@@ -128,6 +127,7 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.moed_has_vnni.argtypes, lib.moed_has_vnni.restype = [], I
     lib.moed_interleave_planes.argtypes = [ctypes.POINTER(P), I, L, L, I, P, P, I]
     lib.moed_interleave_planes.restype = I
+    lib.moed_interleave_params.argtypes, lib.moed_interleave_params.restype = [P, L, L, P], I
     return lib
 
 

@@ -165,11 +165,10 @@ class Native(PooledBackend, name="native"):
                 lib.moed_interleave(codes.ctypes.data, n, k, g, t.bits, packed.ctypes.data, sums.ctypes.data)
             params = []
             for p in (t.scale, offsets if i == 0 else torch.zeros_like(t.zero)):
-                src = np.ascontiguousarray(p.numpy(), dtype=np.float16)  # stored scales are float16 already
-                if not np.isfinite(src).all():
-                    raise ValueError("a scale or offset exceeds the float16 range of the native kernels' form")
+                src = np.ascontiguousarray(p.numpy(), dtype=np.float32)
                 out = alloc(blocks * ng * ROWS, np.float16).reshape(blocks, ng, ROWS)
-                lib.moed_interleave_params(src.ctypes.data, n, ng, out.ctypes.data)
+                if lib.moed_interleave_params(src.ctypes.data, n, ng, out.ctypes.data):  # stored scales: exact
+                    raise ValueError("a scale or offset exceeds the float16 range of the native kernels' form")
                 params.append(out)
             terms.append(NativeTerm(packed, *params, sums, t.bits))
         return NativeMatrix(tuple(terms), n, k, g)

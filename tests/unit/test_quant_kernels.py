@@ -198,7 +198,7 @@ def test_native_plain_c_path_computes_what_the_vnni_path_does(tmp_path):
     lib = native.library()
     if lib is None or not lib.moed_has_vnni():
         pytest.skip("needs the native library built with AVX512-VNNI to compare against")
-    plain = ctypes.CDLL(str(native.build(tmp_path, extra=("-mno-avx512vnni",))))
+    plain = ctypes.CDLL(str(native.build(tmp_path, extra=("-mno-avx512vnni", "-mno-f16c"))))
     plain.moed_has_vnni.restype = ctypes.c_int
     assert plain.moed_has_vnni() == 0
     native.bind(plain)
@@ -215,6 +215,20 @@ def test_native_plain_c_path_computes_what_the_vnni_path_does(tmp_path):
                                y.ctypes.data, 40, 0, 1)
             ys.append(y)
         assert np.allclose(ys[0], ys[1], rtol=1e-5, atol=1e-5 * np.abs(ys[0]).max())
+    # float16 parameters without F16C: rounded to nearest even as the vector instruction (and numpy) do, from
+    # subnormals to the edge of the range; beyond it, an error
+    tiny = 2.0 ** -24  # the least float16 subnormal
+    spread = np.random.default_rng(5).standard_normal(4000) * 4.0 ** (np.arange(4000) % 12 - 8)
+    edges = [0.0, -0.0, tiny, tiny * 1.5, tiny * 2.5, -tiny * 0.49, 65504.0, -65504.0, 65519.0, 1 + 2.0 ** -11,
+             1 + 3 * 2.0 ** -11, 2.0 ** -14 * (1 - 2.0 ** -11)]  # ties to even, the largest finite, subnormal edge
+    p = np.concatenate([spread, edges]).astype(np.float32)
+    want = p.astype(np.float16).view(np.uint16)
+    for impl in (lib, plain):
+        out = np.empty(p.size * 16, dtype=np.uint16)  # one group a row: [blocks][1][16]
+        assert impl.moed_interleave_params(p.ctypes.data, p.size, 1, out.ctypes.data) == 0
+        assert np.array_equal(out[:p.size], want), impl
+        over = np.array([65520.0], dtype=np.float32)
+        assert impl.moed_interleave_params(over.ctypes.data, 1, 1, out.ctypes.data) == -1
 
 
 @pytest.mark.parametrize("bits", [8, 4])
