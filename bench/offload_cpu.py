@@ -17,9 +17,10 @@ margin absorbs, and the cap binds it as it binds llama.cpp) or s * E bytes (--mo
 exactly the room the cap leaves llama.cpp for experts). Below a 100% share, moed's own policy also runs
 with `--ram-budget FILL%free` (--fill): a share of the memory the cap leaves when its tier is made, as
 a user of a capped container would set it, and as llama.cpp's page cache fills whatever the cap leaves.
-FILL is 90 by default: on this VM, at 4 bits under the 25% cap, 80% held 197 experts at 38-45 ms a
-token, 88% 217 at 27-33 ms, 91% 224 at 26-27 ms, and 94% thrashed (the process's own pages reclaimed:
-62 and 1831 ms a token); what the tier leaves, ~50-70 MiB here, is the process's working set beyond it.
+FILL is 85 by default. In a separate harness on this VM (4 bits, the 25% cap), 80% held 197 experts
+at 38-45 ms a token, 88% 217 at 27-33 ms, 91% 224 at 26-27 ms, and 94% at times thrashed (the
+process's own pages reclaimed: 62 and 1831 ms a token); this bench's worker, with more free when its
+tier is made, thrashed at 90%. What the tier leaves is the process's working set beyond it.
 
 How. Every run is a fresh worker process put into a cgroup v1 memory group limited to the cap
 (it writes its own pid into the group before loading anything; `systemd-run --scope -p
@@ -83,9 +84,10 @@ if TYPE_CHECKING:
 ARCH = "olmoe"
 QUICK = {"hidden_size": 256, "num_experts": 8, "num_experts_per_tok": 2}  # on top of daemon.tiny's olmoe
 POLICIES = ("lru", "lfu", "score", "moed")
-SIM_POLICY = {"llama.cpp": "llamacpp", "lru": "lru", "score": "hybrimoe:prefetch=0"}
+# the simulator replays moed's runs with its engine's own cache policies (profiler.policies.Engine)
+SIM_POLICY = {"llama.cpp": "llamacpp", **{p: f"engine:policy={p}" for p in POLICIES}}
 CALIBRATE = ("attn", "head", "expert")  # engine timings of the base run's decode that refine moed's cost model
-READ_AHEAD = ("lru", "score")  # moed's replays: its engine's read-ahead (recorded in the trace), not the policy's
+READ_AHEAD = POLICIES  # moed's replays: its engine's read-ahead (recorded in the trace), under every policy
 BITS = 8
 DENSE_BITS = 8
 MARGIN_SHARE, MIN_MARGIN = 0.25, 300 << 20
@@ -558,18 +560,22 @@ def run_budget(setup: Setup, share: float, base: dict, moed_budget: str, policie
     llama["simulator"] = compare(predict(trace, sims["llama.cpp"], "llamacpp", int(share * n_total)), llama)
     results = iter(measured)
     before = copy.deepcopy(sims["moed"])  # the model as this budget's runs begin
-    replayed: list[tuple[dict, str, bool]] = []
+    replayed: list[tuple[dict, str, bool, int]] = []
+
+    def room(r: dict) -> int:
+        """Experts a run's RAM budget holds."""
+        return min(n_total, r["ram_budget"] // r["expert_bytes"]) if r.get("status") == "ok" else held
 
     def moed(policy: str, bits: int | str = BITS) -> dict:
         """The next moed run: predicted (where the simulator has its policy) from the model as the runs before it
         refined it, then learned from, for the runs after."""
         r = next(results)
         sim = SIM_POLICY.get(policy) if bits == BITS else None
-        r["simulator"] = compare(predict(trace, sims["moed"], sim, held, policy in READ_AHEAD) if sim else None, r,
-                                 f"the simulator has no {policy} policy")
+        r["simulator"] = compare(predict(trace, sims["moed"], sim, room(r), policy in READ_AHEAD) if sim else None,
+                                 r, f"the simulator has no {policy} policy")
         r["learned"] = learn(sims["moed"], trace.header.model, r)
         if sim:
-            replayed.append((r, sim, policy in READ_AHEAD))
+            replayed.append((r, sim, policy in READ_AHEAD, room(r)))
         return r
 
     runs = {pol: moed(pol) for pol in policies}
@@ -579,14 +585,14 @@ def run_budget(setup: Setup, share: float, base: dict, moed_budget: str, policie
         r = moed("moed", bits)
         name = f"moed{'' if bits == BITS else f' {bits}-bit'} {fill:g}%free"
         if r["status"] == "ok":
-            name += f" (room for {min(n_total, r['ram_budget'] // r['expert_bytes'])})"
+            name += f" (room for {room(r)})"
         runs[name] = r
-    for r, sim, ahead in replayed:  # again, from the model as this budget's other runs refine it (leave one out)
+    for r, sim, ahead, n in replayed:  # again, from the model as this budget's other runs refine it (leave one out)
         m = copy.deepcopy(before)
         for other in runs.values():
             if other is not r:
                 learn(m, trace.header.model, other)
-        r["simulator_same_budget"] = compare(predict(trace, m, sim, held, ahead), r)
+        r["simulator_same_budget"] = compare(predict(trace, m, sim, n, ahead), r)
     return {"share": share, "cap_bytes": cap, "moed_ram_budget": budget_bytes, "moed_experts_held": held,
             "llama.cpp": llama, "moed": runs}
 
@@ -686,8 +692,9 @@ def markdown(res: dict) -> str:
     lines += ["Hit rate: share of expert uses in decode steps found in moed's RAM tier. MiB read / token: moed's "
               "reads from the store; llama.cpp's bytes read from storage (/proc/self/io, page faults on the mapped "
               "file). Peak RSS: VmHWM, for llama.cpp including the mapped file's resident pages. sim error: "
-              "(simulated - measured) / measured; n/a where the simulator has no such policy "
-              f"({', '.join(res['simulator']['unmatched'])}). Simulated, same budget: the same replay from the "
+              "(simulated - measured) / measured" + (f"; n/a where the simulator has no such policy "
+              f"({', '.join(res['simulator']['unmatched'])})" if res['simulator']['unmatched'] else "; n/a at other "
+              "bits than the cost model is refined at") + ". Simulated, same budget: the same replay from the "
               "model as it stood when the budget's runs began, refined by that budget's other moed runs (leave one "
               "out: never the run's own timings), so that op times are those of the same cap; what stays is the "
               "simulator's own error.",
@@ -710,7 +717,7 @@ def main() -> None:
     p.add_argument("--policies", default=",".join(POLICIES), help="moed cache policies to run")
     p.add_argument("--extra-bits", default="4", help="bit-widths (1-8, auto) moed's own policy also runs at, "
                    "comma-separated; '' for none")
-    p.add_argument("--fill", type=float, default=90.0,
+    p.add_argument("--fill", type=float, default=85.0,
                    help="below a 100%% share, moed's own policy also runs with --ram-budget FILL%%free: that share "
                         "of what the cap leaves when its tier is made, as llama.cpp's page cache fills the cap "
                         "(0: no such runs)")

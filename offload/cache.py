@@ -58,6 +58,11 @@ class Tier:
         return sum(n for (lay, _), n in self.held.items() if lay == layer)
 
 
+# a read ahead evicts what the policy values below the measured chance that a predicted expert is used: the
+# share of each prediction the layer then used, averaged with this weight from this prior (offload.tiered)
+AHEAD_WEIGHT, AHEAD_PRIOR = 0.1, 0.5
+
+
 class CachePolicy:
     """Base policy: rank by `rank` (lower evicted first), per-layer shares, always admit."""
 

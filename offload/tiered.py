@@ -25,6 +25,8 @@ GPU; on a machine without one, tests emulate it on the CPU with a budget and wor
 from __future__ import annotations
 
 import ctypes
+import logging
+import resource
 import threading
 import time
 from collections import deque
@@ -36,7 +38,7 @@ from typing import NamedTuple
 
 import torch
 
-from offload.cache import CachePolicy, Key, Tier, make_cache_policy
+from offload.cache import AHEAD_PRIOR, AHEAD_WEIGHT, CachePolicy, Key, Tier, make_cache_policy
 from offload.errors import MoedError
 from offload.provider import layer_experts
 from offload.routing import group_by_expert, scatter_add
@@ -47,11 +49,19 @@ from offload.views import LinkView, TierView
 from quant.planes import PLANES
 
 
-# a read ahead evicts what the policy values below the measured chance that a predicted expert is used: the
-# share of each prediction the layer then used, averaged with this weight from this prior
-AHEAD_WEIGHT, AHEAD_PRIOR = 0.1, 0.5
 TIMINGS_KEPT = 4096  # measured timings waiting for the cost model (the oldest go first)
 STALL_SECONDS = 30.0  # a reservation that waits this long means the budget cannot serve the layer
+# A RAM budget taken from free memory (`N%free`) gives some back when the process pages: this many major page
+# faults in each of PRESSURE_STEPS steps in a row (a step: from one forward pass's first MoE layer to the
+# next's) is memory pressure, and lowers the budget by PRESSURE_GIVE of itself, never below PRESSURE_FLOOR of
+# what it started at. (On this project's 2-core VM under a cgroup cap, 94% of free memory made the kernel
+# reclaim the process's own pages: 60-1800 ms a token for 26-33 at 88-91%.)
+PRESSURE_FAULTS = 8
+PRESSURE_STEPS = 2
+PRESSURE_GIVE = 0.04
+PRESSURE_FLOOR = 0.5
+
+log = logging.getLogger("moed.offload")
 
 
 @dataclass(slots=True)
@@ -198,6 +208,13 @@ class TieredExperts:
         # "read" (bytes, seconds), "form" (bytes, seconds), "expert" (tokens, seconds per CPU expert)
         self.timings: deque[tuple[str, float, float]] = deque(maxlen=TIMINGS_KEPT)
         self.moe_layers = list(store.layers)
+        # memory pressure (PRESSURE_*): on only for a budget taken from free memory (tiered_experts)
+        self.yield_to_pressure = False
+        self.major_faults: Callable[[], int] = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_majflt
+        self.budget_given_back = 0  # bytes of the RAM budget given back under memory pressure
+        self._ram_start = ram
+        self._faults: int | None = None
+        self._pressured = 0
 
     def raw_bytes(self, bits: int) -> int:
         """Bytes of an expert's stored sections at `bits`."""
@@ -240,6 +257,33 @@ class TieredExperts:
                 progress(i + 1, len(keys))
 
     # -- memory --
+
+    def step(self) -> None:
+        """A forward pass begins (its first MoE layer): under memory pressure, give some of the RAM budget back."""
+        if not self.yield_to_pressure:
+            return
+        faults = self.major_faults()
+        last, self._faults = self._faults, faults
+        if last is None or faults - last < PRESSURE_FAULTS:
+            self._pressured = 0
+            return
+        self._pressured += 1
+        if self._pressured < PRESSURE_STEPS:  # one step's faults (code paged in the first time) are not pressure
+            return
+        with self._cv:
+            t = self.tiers["ram"]
+            floor = max(int(self._ram_start * PRESSURE_FLOOR), self.read_bytes(self.bits))
+            new = max(floor, int(t.capacity * (1 - PRESSURE_GIVE)))
+            if new >= t.capacity:
+                return
+            while t.used > new and (cands := self._evictable("ram")):
+                self._evict("ram", min(cands, key=lambda k: (self.policy.rank(k), k)))
+            new = max(new, t.used)  # what is being read or used now stays within the budget: less next time
+            log.warning("memory pressure (%d major page faults in a step): RAM budget %.0f -> %.0f MiB",
+                        faults - last, t.capacity / 2**20, new / 2**20)
+            self.budget_given_back += t.capacity - new
+            t.capacity = new
+        self._pressured = 0
 
     def _evictable(self, tier: str) -> list[Key]:
         return [k for k in self.tiers[tier].held if k not in self._pinned and k not in self._busy
@@ -523,6 +567,8 @@ class LayerExperts:
     def __call__(self, x: torch.Tensor, routing) -> torch.Tensor:
         t_enter = time.perf_counter()
         p, layer, bits = self.p, self.layer, self.p.bits
+        if layer == p.moe_layers[0]:
+            p.step()
         groups = group_by_expert(routing)
         counts = {e: int(tok.numel()) for e, tok, _ in groups}
         with p._cv:
@@ -927,5 +973,6 @@ def tiered_experts(store: Store, options: OffloadOptions, kernel: str = "referen
         costs = costs(bits)
     provider = TieredExperts(store, bits, backend, act, Budgets(ram_at(bits), vram_bytes or 0), options.policy,
                              accel, options.io_threads, options.prefetch, sizes, costs=costs)
+    provider.yield_to_pressure = free is not None
     provider.preload()
     return provider

@@ -84,6 +84,89 @@ class ReadAhead(Policy):
         return [(nxt.layer, e) for e in nxt.ahead or ()] if nxt is not None else []
 
 
+class Engine(Policy):
+    """A cache policy of moed's engine (offload.cache: lru, lfu, score, moed) as its tiered experts run it on a
+    machine without an accelerator: RAM filled in layer order at the start (TieredExperts.preload); each
+    routing observed with its router scores (the mean probability over tokens within each token's top 2k).
+    A layer's missed experts are read into room that their reads make first, by evicting the least valued
+    expert of any layer (TieredExperts' reservation); once the layer has run, each is kept where the policy
+    finds victims for it, else its room is freed. A read ahead is kept over experts valued below the measured
+    share of the engine's predictions the layers then used (the trace's `ahead`, averaged as
+    TieredExperts.ahead_precision is). An expert is one unit of the tier."""
+
+    name = "engine"
+    manages_ram = True
+
+    def __init__(self, policy: str = "moed") -> None:
+        from offload.cache import AHEAD_PRIOR, make_cache_policy
+        make_cache_policy(policy, 1)  # ValueError now for an unknown name
+        self.policy, self.cache = policy, None
+        self.name = f"engine-{policy}"  # type: ignore[misc]  # an instance's, not the class's
+        self.chance, self.layer = AHEAD_PRIOR, None
+        self._demand: set[Key] = set()  # the current layer's experts
+        self._reads: list[Key] = []  # its missed experts, read into reserved room, to keep or let go
+        self._out: list[Key] = []  # victims found by the last admit
+
+    def start(self, ctx: SimContext) -> None:
+        from offload.cache import make_cache_policy
+        self.cache = make_cache_policy(self.policy, len(ctx.shape.moe_layers))
+        for layer in ctx.shape.moe_layers:
+            for e in range(ctx.shape.num_experts):
+                if ctx.res.free(ctx.fast_tier) <= 0:
+                    return
+                ctx.res.add(ctx.fast_tier, (layer, e))
+
+    def observe(self, step: StepRecord, routing: LayerRouting, ctx: SimContext) -> None:
+        from offload.cache import AHEAD_WEIGHT
+        self._settle(ctx)
+        counts = routing.counts()
+        if routing.ahead:
+            self.chance += AHEAD_WEIGHT * (len(set(routing.ahead) & counts.keys()) / len(routing.ahead) - self.chance)
+        self.cache.observe(routing.layer, counts, routing.expert_scores(2 * len(routing.experts[0])))
+        self.layer, self._demand = routing.layer, {(routing.layer, e) for e in counts}
+
+    def admit(self, tier: str, key: Key, ctx: SimContext, pinned: set[Key]) -> bool:
+        self._out = []
+        if tier != ctx.fast_tier:
+            return False
+        if key in self._demand:  # a miss: its read reserves room, the least valued expert of any layer evicted
+            if ctx.res.free(tier) <= 0:
+                cands = [k for k in ctx.res.held[tier] if k not in pinned and k not in self._reads]
+                if not cands:
+                    return False
+                self._out = [min(cands, key=lambda k: (self.cache.rank(k), k))]
+            self._reads.append(key)
+            return True
+        out = self._victims(tier, key, ctx, pinned, self.chance)  # a read ahead
+        self._out = out or []
+        return out is not None
+
+    def victims(self, tier: str, key: Key, ctx: SimContext, pinned: set[Key]) -> list[Key]:
+        return self._out
+
+    def _settle(self, ctx: SimContext) -> None:
+        """The last layer's reads, in order: each kept if the policy finds it room, else let go."""
+        tier = ctx.fast_tier
+        for key in self._reads:
+            if not ctx.res.holds(tier, key):
+                continue
+            ctx.res.remove(tier, key)
+            out = self._victims(tier, key, ctx, self._demand - {key}, None)
+            if out is not None:
+                for v in out:
+                    ctx.res.remove(tier, v)
+                if ctx.res.free(tier) > 0:
+                    ctx.res.add(tier, key)
+        self._reads = []
+
+    def _victims(self, tier: str, key: Key, ctx: SimContext, pinned: set[Key], chance: float | None
+                 ) -> list[Key] | None:
+        from offload.cache import Tier
+        held = ctx.res.held[tier]
+        t = Tier(tier, ctx.res.cap[tier], dict.fromkeys(held, 1), len(held))
+        return self.cache.victims(key, 1, t, pinned, chance)
+
+
 def _whole_layers(ctx: SimContext) -> list[int]:
     """The MoE layers whose experts all fit in the fast tier, taken from the last layer back."""
     n = ctx.res.cap[ctx.fast_tier] // ctx.shape.num_experts if ctx.shape.num_experts else 0

@@ -228,6 +228,43 @@ def test_prefetch_reads_the_next_layer_ahead_and_a_trace_records_it(store_dir, t
     assert hits > 0  # the predictions name experts the layer then used
 
 
+@pytest.mark.parametrize("policy", ["lru", "lfu", "score", "moed"])
+def test_the_simulator_replays_the_engines_cache_policy_use_for_use(store_dir, tmp_path, policy):
+    """profiler.policies.Engine replays the engine's cache policy: over one-token steps routed to one expert a
+    layer (at most one read a layer, so no read races another's keep), the simulator finds in RAM exactly the
+    expert uses the engine found there, layer after layer (the same fill, observations, reservations, keeps
+    and evictions), at a budget that streams."""
+    from profiler.policies import make_policy
+    from profiler.shapes import ModelShape
+    from profiler.simulator import LinearTimes, simulate
+    from profiler.trace import TraceRecorder
+
+    lm = load_model(store_dir, offload=OffloadOptions(bits=8, ram_budget="40%", policy=policy, prefetch=False))
+    p, shape = lm.experts, ModelShape.from_config(dict(lm.args.raw))
+    rec, gen, engine = TraceRecorder(tmp_path / "t.jsonl", shape), torch.Generator().manual_seed(7), []
+    for _ in range(40):
+        for layer in p.moe_layers:
+            routing, hits = routing_for(gen, 1, shape.num_experts, 1), p.stats["ram"].hits
+            p.experts(layer)(torch.randn(1, shape.hidden, generator=gen), routing)
+            rec(layer, routing)
+            engine.append(p.stats["ram"].hits - hits)
+    rec.close()
+    room = p.tiers["ram"].capacity // p.expert_bytes(8)
+    p.close()
+    sim, replay = make_policy(f"engine:policy={policy}"), []
+    observe = sim.observe
+
+    def seen(step, routing, ctx) -> None:  # what RAM holds of the layer's experts as it routes
+        replay.append(sum(ctx.res.holds("ram", (routing.layer, e)) for e in routing.counts()))
+        observe(step, routing, ctx)
+
+    sim.observe = seen
+    trace = read_trace(tmp_path / "t.jsonl")
+    r = simulate(trace, LinearTimes(gpu=None), sim, 0, room * trace.header.model.expert_bytes(8), bits=8)
+    assert 0 < sum(engine) < len(engine) and room < shape.num_experts * len(p.moe_layers)
+    assert replay == engine and r.found["ram"] == sum(engine)
+
+
 def store_dir_experts(path) -> int:
     store = Store(path)
     return store.n_experts(store.layers[0])
@@ -343,6 +380,57 @@ def test_a_free_memory_budget_is_a_share_of_what_is_free_when_the_tier_is_made(s
     p = tiered_experts(Store(store_dir), OffloadOptions(bits=8, ram_budget="50%free"))
     assert p.tiers["ram"].capacity == 20 << 20
     p.close()
+
+
+def test_a_free_memory_budget_gives_room_back_under_memory_pressure(store_dir, monkeypatch):
+    """A budget taken from free memory is lowered by PRESSURE_GIVE (the lowest-ranked experts evicted) after
+    PRESSURE_STEPS steps in a row with PRESSURE_FAULTS major page faults each, never below PRESSURE_FLOOR of what
+    it started at, and never below what it holds; calm steps, or a budget not from free memory, change nothing.
+    The tokens stay the full model's. The fault counter is the test's: the rest is the real provider."""
+    import offload.tiered as tiered
+
+    want = greedy(load_model(store_dir, bits=8, kernel=fast_cpu_backend()))
+    st = Store(store_dir)
+    all_bytes = ExpertSizes(st).ram(get_backend(fast_cpu_backend()), 8, False) * sum(map(st.n_experts, st.layers))
+    monkeypatch.setattr(tiered, "free_ram_bytes", lambda: all_bytes)
+    monkeypatch.setattr(tiered, "PRESSURE_GIVE", 0.2)
+    for budget, yields in (("100%free", True), ("100%", False)):
+        lm = load_model(store_dir, offload=OffloadOptions(bits=8, ram_budget=budget))
+        p = lm.experts
+        assert p.yield_to_pressure is yields
+        start = p.tiers["ram"].capacity
+        faults = {"n": 0, "per_step": 0}
+
+        def major_faults() -> int:
+            faults["n"] += faults["per_step"]
+            return faults["n"]
+
+        p.major_faults = major_faults
+        caps = []
+
+        def check() -> None:  # at every layer's routing
+            t = p.tiers["ram"]
+            assert t.used <= t.capacity and p.held_bytes("ram") <= t.used
+            caps.append(t.capacity)
+
+        assert greedy(lm, n=6, check=check) == want[:6] and set(caps) == {start}  # calm: nothing given back
+        faults["per_step"] = tiered.PRESSURE_FAULTS - 1
+        assert greedy(lm, n=6, check=check) == want[:6] and set(caps) == {start}  # below the threshold
+        faults["per_step"] = tiered.PRESSURE_FAULTS
+        caps.clear()
+        assert greedy(lm, check=check) == want
+        if not yields:
+            assert set(caps) == {start} and p.budget_given_back == 0
+            p.close()
+            continue
+        lowered = sorted(set(caps), reverse=True)
+        floor = int(start * tiered.PRESSURE_FLOOR)
+        assert lowered[0] == start and lowered[-1] == floor and len(lowered) >= 3
+        for a, b in zip(lowered, lowered[1:]):  # 20% at a time while the held experts allow, down to the floor
+            assert b >= max(floor, int(a * 0.8))
+        assert p.budget_given_back == start - floor and p.tier_views()[0].budget == floor
+        assert p.tier_views()[0].used <= floor
+        p.close()
 
 
 def test_free_ram_is_what_the_system_has_or_a_cgroup_limit_leaves(tmp_path):
