@@ -674,7 +674,8 @@ def markdown(res: dict) -> str:
         "time).",
         f"Simulator: {res['simulator']['machine']}; replays {res['trace']} (recorded by the base run) with as many "
         "experts in RAM as each run could hold. It times attention layers (with their norms and routers), experts "
-        "and each step's head (embedding, final norm and lm_head), not sampling or the generate loop."
+        "and each step's head (embedding, final norm, lm_head, and from the engine's timings on, the sampling and "
+        "generate loop around the model)."
         + _refined(res['simulator'].get('moed_refined_from_base_run') or {}), ""]
     head = ["engine", "decode tok/s", "vs llama.cpp", "hit rate", "MiB read / token", "peak RSS / cap MiB",
             "measured ms/token", "simulated ms/token", "sim error", "simulated, same budget", "error"]

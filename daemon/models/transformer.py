@@ -16,6 +16,10 @@ from daemon.models.moe import ExpertProvider, MoEBlock, RoutingObserver
 from daemon.models.norms import RMSNorm
 from daemon.models.rope import Rope
 
+# a gap between one forward's end and the next's start up to this is a decode step's own (sampling, the
+# generate loop): its head timing counts it; a longer one is idle time between requests
+HEAD_GAP_S = 0.25
+
 
 class DecoderLayer(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then h + mlp(norm(h))."""
@@ -68,6 +72,7 @@ class CausalLM(nn.Module):
         self.sliding_window: int | None = None
         self.timings: deque | None = None
         self._layers_s = 0.0  # the last forward's time in its decoder layers
+        self._ended: float | None = None  # when the last forward ended
 
     @property
     def moe_layers(self) -> list[int]:
@@ -84,7 +89,7 @@ class CausalLM(nn.Module):
         """Append what the cost model times (profiler.machine.CostTimes.observe) to sink as (kind, x, seconds):
         each one-token MoE layer's work but its routed experts ("attn", positions attended: norms, attention,
         router) and each decode step's work outside its layers ("head", positions given logits: embedding,
-        rope, final norm, lm_head); None: stop. (The routed experts report their own time.)"""
+        rope, final norm, lm_head, and the sampling and loop since the last forward, _logits); None: stop. (The routed experts report their own time.)"""
         self.timings = sink
         for layer in self.model.layers:
             layer.timings = sink
@@ -98,10 +103,15 @@ class CausalLM(nn.Module):
 
     def _logits(self, h: torch.Tensor, since: float, decode: bool) -> torch.Tensor:
         """lm_head of final-norm hidden states [..., D]; a decode step (one new token per sequence) reports its
-        time since `since` outside its layers (a prefill's grows with the prompt: not the op the model times)."""
+        time since `since` outside its layers (a prefill's grows with the prompt: not the op the model times),
+        and the time from the last forward's end to `since` if under HEAD_GAP_S: the sampling and the loop
+        around the model, which a token's time also counts."""
         out = self.lm_head(h)
+        end = time.perf_counter()
         if self.timings is not None and decode:
-            self.timings.append(("head", h.numel() // h.shape[-1], time.perf_counter() - since - self._layers_s))
+            gap = since - self._ended if self._ended is not None and 0 <= since - self._ended < HEAD_GAP_S else 0.0
+            self.timings.append(("head", h.numel() // h.shape[-1], end - since - self._layers_s + gap))
+        self._ended = end
         return out
 
     def observe_routing(self, observer: RoutingObserver | None) -> None:

@@ -328,6 +328,17 @@ def test_resident_experts_report_their_time_per_expert(store_dir):
     lm.model.report_timings(None)
     greedy(lm, n=2)
     assert len([k for k, _, _ in p.timings if k in ("attn", "head")]) == 3 * layers + 3
+    # a decode step's head also counts the time since the last forward ended (the sampling and the loop around
+    # the model), unless that is longer than HEAD_GAP_S (idle time between requests)
+    from daemon.models.transformer import HEAD_GAP_S
+    lm.model.report_timings(p.timings)
+    for pause, counted in ((0.05, True), (HEAD_GAP_S + 0.05, False)):
+        p.timings.clear()
+        prompt = lm.tokenizer.encode(PROMPT)
+        for _ in generate(lm, prompt, SamplingParams(max_tokens=3), Summary(prompt)):
+            time.sleep(pause)
+        heads = [s for k, _, s in p.timings if k == "head"]
+        assert len(heads) == 2 and all((s >= pause) == counted for s in heads), (pause, heads)
     p.close()
 
 
