@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import resource
 import threading
 import time
@@ -895,6 +896,8 @@ class OffloadOptions:
     memory); None: no limit (RAM) or no accelerator tier (VRAM). 'auto' bits: the most of 8, 6, 5, 4 at which every
     expert fits the RAM budget (4 when none does: streamed from flash at 4 bits; see AUTO_BITS).
     accelerator: None (CUDA when there is a GPU and a VRAM budget), 'cuda' or 'emulated'.
+    prefetch: read the next layer's predicted experts ahead; None: where something would otherwise sit idle to do
+    it (read_ahead_pays).
     """
 
     bits: int | str = PLANES
@@ -902,7 +905,7 @@ class OffloadOptions:
     vram_budget: str | int | None = None
     policy: str = "moed"
     accelerator: str | None = None
-    prefetch: bool = True
+    prefetch: bool | None = None
     io_threads: int = 2
 
     def validate(self) -> None:
@@ -931,6 +934,16 @@ def return_freed_memory() -> None:
 
 
 M_MMAP_THRESHOLD = -3  # mallopt parameter (malloc.h)
+
+
+def read_ahead_pays(accel: Accelerator | None, backend: Backend) -> bool:
+    """Whether reading ahead is worth it by default: with an accelerator (its experts leave the CPU free to
+    make forms), or where the CPU has cores its kernels do not use. Where every core computes, a read ahead's
+    form takes CPU time from the layer and its wrong guesses (a quarter to a third of them) take the one disk:
+    on this project's 2-core VM it made a token 4-15% slower (bench/offload_cpu.py's model, 25% cap, 85%free:
+    5 A/B pairs at 4 bits, 30-33 against 32-38 ms; 2 at 8 bits, 116-120 against 126-131 ms)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return accel is not None or cores > getattr(backend, "threads", 1)
 
 
 def tiered_experts(store: Store, options: OffloadOptions, kernel: str = "reference", act: str = "silu",
@@ -971,8 +984,9 @@ def tiered_experts(store: Store, options: OffloadOptions, kernel: str = "referen
             vram_bytes = int(vram.free * torch.cuda.mem_get_info()[0])
     if accel is not None and callable(costs):
         costs = costs(bits)
+    prefetch = read_ahead_pays(accel, backend) if options.prefetch is None else options.prefetch
     provider = TieredExperts(store, bits, backend, act, Budgets(ram_at(bits), vram_bytes or 0), options.policy,
-                             accel, options.io_threads, options.prefetch, sizes, costs=costs)
+                             accel, options.io_threads, prefetch, sizes, costs=costs)
     provider.yield_to_pressure = free is not None
     provider.preload()
     return provider

@@ -444,6 +444,30 @@ def test_a_free_memory_budget_gives_room_back_under_memory_pressure(store_dir, m
         p.close()
 
 
+def test_read_ahead_is_on_by_default_only_where_something_would_sit_idle_for_it(store_dir, monkeypatch):
+    """prefetch=None: read ahead with an accelerator, or where the CPU has cores the kernels leave free; not where
+    every core computes (a read ahead's form would take from the layer). True and False are as given."""
+    import offload.tiered as tiered
+    from offload.tiered import read_ahead_pays
+
+    if "native" not in available_backends():
+        pytest.skip("the native kernels are not built here")
+    cores = len(os.sched_getaffinity(0))
+    assert not read_ahead_pays(None, get_backend("native", threads=cores))
+    assert read_ahead_pays(None, get_backend("native", threads=max(1, cores - 1))) == (cores > 1)
+    assert read_ahead_pays(Accelerator.create("emulated", get_backend("native", threads=cores)),
+                           get_backend("native", threads=cores))
+    monkeypatch.setattr(tiered, "read_ahead_pays", lambda accel, backend: False)
+    for given, want in ((None, False), (True, True), (False, False)):
+        p = tiered_experts(Store(store_dir), OffloadOptions(bits=8, ram_budget="50%", prefetch=given), "native")
+        assert p.prefetch_enabled is want
+        p.close()
+    monkeypatch.setattr(tiered, "read_ahead_pays", lambda accel, backend: True)
+    p = tiered_experts(Store(store_dir), OffloadOptions(bits=8, ram_budget="50%"), "native")
+    assert p.prefetch_enabled is True
+    p.close()
+
+
 def test_free_ram_is_what_the_system_has_or_a_cgroup_limit_leaves(tmp_path):
     import psutil
 
