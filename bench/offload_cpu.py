@@ -87,7 +87,6 @@ POLICIES = ("lru", "lfu", "score", "moed")
 # the simulator replays moed's runs with its engine's own cache policies (profiler.policies.Engine)
 SIM_POLICY = {"llama.cpp": "llamacpp", **{p: f"engine:policy={p}" for p in POLICIES}}
 CALIBRATE = ("attn", "head", "expert")  # engine timings of the base run's decode that refine moed's cost model
-READ_AHEAD = POLICIES  # moed's replays: its engine's read-ahead (recorded in the trace), under every policy
 BITS = 8
 DENSE_BITS = 8
 MARGIN_SHARE, MIN_MARGIN = 0.25, 300 << 20
@@ -444,16 +443,18 @@ def moed_kernel() -> str:
     return fast_cpu_backend()
 
 
-def predict(trace: Trace, machine: Machine, policy: str, experts_held: int, read_ahead: bool = False) -> dict:
-    """Simulated seconds per decode token of the trace under `policy` with `experts_held` experts in RAM
-    (with read_ahead, the engine's reads ahead as the trace recorded them, profiler.policies.ReadAhead)."""
-    from profiler.policies import ReadAhead, make_policy
+def predict(trace: Trace, machine: Machine, policy: str, experts_held: int) -> dict:
+    """Simulated seconds per decode token of the trace under `policy` with `experts_held` experts in RAM (the
+    engine's policies with the engine's reads ahead as the trace recorded them, profiler.policies.ReadAhead)."""
+    from profiler.policies import Engine, ReadAhead, make_policy
     from profiler.simulator import simulate
 
     shape = trace.header.model
     times = machine.times(shape, BITS)
     ram = experts_held * shape.expert_bytes(BITS)
-    pol = ReadAhead(make_policy(policy)) if read_ahead else make_policy(policy)
+    pol = make_policy(policy)
+    if isinstance(pol, Engine):
+        pol = ReadAhead(pol)
     r = simulate(trace, times, pol, 0, ram, BITS)
     decode = [t for s, t in zip(trace.steps, r.step_times) if s.tokens == 1]
     return {"policy": pol.name, "per_token_s": sum(decode) / len(decode), "experts_held": experts_held,
@@ -560,7 +561,7 @@ def run_budget(setup: Setup, share: float, base: dict, moed_budget: str, policie
     llama["simulator"] = compare(predict(trace, sims["llama.cpp"], "llamacpp", int(share * n_total)), llama)
     results = iter(measured)
     before = copy.deepcopy(sims["moed"])  # the model as this budget's runs begin
-    replayed: list[tuple[dict, str, bool, int]] = []
+    replayed: list[tuple[dict, str, int]] = []
 
     def room(r: dict) -> int:
         """Experts a run's RAM budget holds."""
@@ -569,13 +570,14 @@ def run_budget(setup: Setup, share: float, base: dict, moed_budget: str, policie
     def moed(policy: str, bits: int | str = BITS) -> dict:
         """The next moed run: predicted (where the simulator has its policy) from the model as the runs before it
         refined it, then learned from, for the runs after."""
-        r = next(results)
+        r, n = next(results), None
         sim = SIM_POLICY.get(policy) if bits == BITS else None
-        r["simulator"] = compare(predict(trace, sims["moed"], sim, room(r), policy in READ_AHEAD) if sim else None,
-                                 r, f"the simulator has no {policy} policy")
-        r["learned"] = learn(sims["moed"], trace.header.model, r)
         if sim:
-            replayed.append((r, sim, policy in READ_AHEAD, room(r)))
+            n = room(r)
+            replayed.append((r, sim, n))
+        r["simulator"] = compare(predict(trace, sims["moed"], sim, n) if sim else None, r,
+                                 f"the simulator has no {policy} policy")
+        r["learned"] = learn(sims["moed"], trace.header.model, r)
         return r
 
     runs = {pol: moed(pol) for pol in policies}
@@ -587,12 +589,12 @@ def run_budget(setup: Setup, share: float, base: dict, moed_budget: str, policie
         if r["status"] == "ok":
             name += f" (room for {room(r)})"
         runs[name] = r
-    for r, sim, ahead, n in replayed:  # again, from the model as this budget's other runs refine it (leave one out)
+    for r, sim, n in replayed:  # again, from the model as this budget's other runs refine it (leave one out)
         m = copy.deepcopy(before)
         for other in runs.values():
             if other is not r:
                 learn(m, trace.header.model, other)
-        r["simulator_same_budget"] = compare(predict(trace, m, sim, n, ahead), r)
+        r["simulator_same_budget"] = compare(predict(trace, m, sim, n), r)
     return {"share": share, "cap_bytes": cap, "moed_ram_budget": budget_bytes, "moed_experts_held": held,
             "llama.cpp": llama, "moed": runs}
 

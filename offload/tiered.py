@@ -213,7 +213,6 @@ class TieredExperts:
         self.yield_to_pressure = False
         self.major_faults: Callable[[], int] = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_majflt
         self.budget_given_back = 0  # bytes of the RAM budget given back under memory pressure
-        self._ram_start = ram
         self._faults: int | None = None
         self._pressured = 0
 
@@ -273,7 +272,7 @@ class TieredExperts:
             return
         with self._cv:
             t = self.tiers["ram"]
-            floor = max(int(self._ram_start * PRESSURE_FLOOR), self.read_bytes(self.bits))
+            floor = max(int((t.capacity + self.budget_given_back) * PRESSURE_FLOOR), self.read_bytes(self.bits))
             new = max(floor, int(t.capacity * (1 - PRESSURE_GIVE)))
             if new >= t.capacity:
                 return

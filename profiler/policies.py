@@ -17,6 +17,7 @@ import importlib
 import random
 from typing import ClassVar
 
+from offload.cache import AHEAD_PRIOR, AHEAD_WEIGHT, Tier, make_cache_policy
 from profiler.simulator import Key, SimContext, Split
 from profiler.trace import LayerRouting, StepRecord
 
@@ -98,7 +99,6 @@ class Engine(Policy):
     manages_ram = True
 
     def __init__(self, policy: str = "moed") -> None:
-        from offload.cache import AHEAD_PRIOR, make_cache_policy
         make_cache_policy(policy, 1)  # ValueError now for an unknown name
         self.policy, self.cache = policy, None
         self.name = f"engine-{policy}"  # type: ignore[misc]  # an instance's, not the class's
@@ -108,7 +108,6 @@ class Engine(Policy):
         self._out: list[Key] = []  # victims found by the last admit
 
     def start(self, ctx: SimContext) -> None:
-        from offload.cache import make_cache_policy
         self.cache = make_cache_policy(self.policy, len(ctx.shape.moe_layers))
         for layer in ctx.shape.moe_layers:
             for e in range(ctx.shape.num_experts):
@@ -117,7 +116,6 @@ class Engine(Policy):
                 ctx.res.add(ctx.fast_tier, (layer, e))
 
     def observe(self, step: StepRecord, routing: LayerRouting, ctx: SimContext) -> None:
-        from offload.cache import AHEAD_WEIGHT
         self._settle(ctx)
         counts = routing.counts()
         if routing.ahead:
@@ -161,7 +159,6 @@ class Engine(Policy):
 
     def _victims(self, tier: str, key: Key, ctx: SimContext, pinned: set[Key], chance: float | None
                  ) -> list[Key] | None:
-        from offload.cache import Tier
         held = ctx.res.held[tier]
         t = Tier(tier, ctx.res.cap[tier], dict.fromkeys(held, 1), len(held))
         return self.cache.victims(key, 1, t, pinned, chance)

@@ -64,8 +64,9 @@ void moed_unpack_planes(const uint8_t *const *planes, int r, int64_t n, uint8_t 
  * quantised per group of G to int8 (x ~ dx * xq, dx = max|x| / 127) and shifted to unsigned (xq + 128) for
  * the u8 x s8 dot product, whose excess 128 * sum is taken off in int32 (exact); centring keeps the
  * activations' rounding off the codes' middle, as onnxruntime's MatMulNBits with its zero point at the middle
- * (accuracy level 4) does. Offsets use the exact group sums of x. Codes of 4 bits or fewer are held two to a byte, uncentred: the low nibbles of a
- * 64-byte run are run 2j, the high nibbles run 2j + 1, centred as they are loaded.
+ * (accuracy level 4) does. Offsets use the exact group sums of x. Codes of 4 bits or fewer are held two to a
+ * byte, uncentred: the low nibbles of a 64-byte run are run 2j, the high nibbles run 2j + 1, centred as they
+ * are loaded.
  */
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
 #define MOED_VNNI 1

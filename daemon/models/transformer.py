@@ -89,7 +89,8 @@ class CausalLM(nn.Module):
         """Append what the cost model times (profiler.machine.CostTimes.observe) to sink as (kind, x, seconds):
         each one-token MoE layer's work but its routed experts ("attn", positions attended: norms, attention,
         router) and each decode step's work outside its layers ("head", positions given logits: embedding,
-        rope, final norm, lm_head, and the sampling and loop since the last forward, _logits); None: stop. (The routed experts report their own time.)"""
+        rope, final norm, lm_head, and the sampling and loop since the last forward, _logits); None: stop.
+        (The routed experts report their own time.)"""
         self.timings = sink
         for layer in self.model.layers:
             layer.timings = sink

@@ -222,13 +222,11 @@ class Native(PooledBackend, name="native"):
     def ffn_many(self, x: torch.Tensor, experts: list[PreparedExpert], parallel: bool = False) -> list[torch.Tensor]:
         if not experts:
             return []
-        calls_one = [e for e in experts if getattr(e, "call", None) is not None]
-        if len(calls_one) < len(experts):  # several terms a matrix: three linears; the others' calls as they are
-            ys = dict(zip(map(id, calls_one), self.ffn_many(x, calls_one, parallel)))
-            return [ys[id(e)] if id(e) in ys else super(Native, self).ffn(x, e) for e in experts]
         d = experts[0].forms[2].n
-        if any(e.forms[2].n != d for e in experts):  # widths differ: a call each
-            return [self.ffn_many(x, [e], parallel)[0] for e in experts]
+        one = [e for e in experts if getattr(e, "call", None) is not None and e.forms[2].n == d]
+        if len(one) < len(experts):  # several terms a matrix (or another width): three linears; the rest one call
+            ys = dict(zip(map(id, one), self.ffn_many(x, one, parallel)))
+            return [ys[id(e)] if id(e) in ys else super(Native, self).ffn(x, e) for e in experts]
         xs = _as_array(x)
         y = np.empty((len(experts), xs.shape[0], d), dtype=np.float32)
         calls = (native.Expert * len(experts))(*(e.call for e in experts))

@@ -458,8 +458,8 @@ def test_read_ahead_is_on_by_default_only_where_something_would_sit_idle_for_it(
     assert read_ahead_pays(Accelerator.create("emulated", get_backend("native", threads=cores)),
                            get_backend("native", threads=cores))
     monkeypatch.setattr(tiered, "read_ahead_pays", lambda accel, backend: False)
-    for given, want in ((None, False), (True, True), (False, False)):
-        p = tiered_experts(Store(store_dir), OffloadOptions(bits=8, ram_budget="50%", prefetch=given), "native")
+    for option, want in ((None, False), (True, True), (False, False)):
+        p = tiered_experts(Store(store_dir), OffloadOptions(bits=8, ram_budget="50%", prefetch=option), "native")
         assert p.prefetch_enabled is want
         p.close()
     monkeypatch.setattr(tiered, "read_ahead_pays", lambda accel, backend: True)
