@@ -91,14 +91,18 @@ def group_for(k: int) -> int | None:
     return next((g for g in sorted(GROUP_SIZES, reverse=True) if k % g == 0), None)
 
 
-def quantize_rows(w: torch.Tensor, group: int, rows: int = 4096) -> GroupCodes:
-    """quantize(w, 8, group) a block of rows at a time: one block in float32 at once, not the whole matrix."""
-    parts = [quantize(w[i:i + rows].float(), 8, group) for i in range(0, w.shape[0], rows)]
+def quantize_rows(w: torch.Tensor, group: int, codes: int = 1 << 20) -> GroupCodes:
+    """quantize(w, 8, group) a block of rows (about `codes` weights) at a time: one block in float32 at once
+    (and quantize's temporaries of it), not the whole matrix."""
+    rows = max(1, codes // max(1, w.shape[1]))
+    parts = [quantize(w[i:i + rows], 8, group) for i in range(0, w.shape[0], rows)]
     return GroupCodes(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
                       torch.cat([p.minimum for p in parts]), 8, group)
 
 
-BLOCK_CODES = 16 << 20  # a matrix read in row blocks (see quantize_dense's rows) is made in blocks of this many codes
+# a matrix read in row blocks (see quantize_dense's rows) is made in blocks of about this many codes
+BLOCK_CODES = 4 << 20
+BLOCK_ROWS = 64  # ... of a multiple of this many rows (a kernel's form may be laid out in blocks of rows)
 FUSED = ("q_proj", "k_proj", "v_proj")  # an attention layer's projections of its input, fused into `qkv`
 
 
@@ -156,7 +160,7 @@ def quantize_dense(model: nn.Module, kernel: str | None = None, dtype: torch.dty
 
     def blocks(src, group: int) -> Iterator:
         n, k = src.shape
-        step = max(1, BLOCK_CODES // k)
+        step = max(BLOCK_ROWS, BLOCK_CODES // k // BLOCK_ROWS * BLOCK_ROWS)
         for a in range(0, n, step):
             yield view(src.block(a, min(n, a + step)), group)
 
@@ -176,7 +180,7 @@ def quantize_dense(model: nn.Module, kernel: str | None = None, dtype: torch.dty
         else:
             big = rows is not None and child.in_features * child.out_features >= BLOCK_CODES
             src = rows(f"{qname}.weight") if big else None
-            form = backend.prepare_rows(blocks(src, group)) if src is not None else \
+            form = backend.prepare_rows(blocks(src, group), src.shape[0]) if src is not None else \
                 backend.prepare(view(get(qname, child, "weight"), group))
             bias = None if child.bias is None else get(qname, child, "bias")
             setattr(parent, name, linear(form, (child.out_features, child.in_features), bias))

@@ -61,9 +61,9 @@ class Backend:
         """x [T, K] -> x @ W^T [T, N] in float32."""
         raise NotImplementedError
 
-    def prepare_rows(self, blocks: Iterable[QuantView]) -> Any:
-        """The compute form of one matrix given as consecutive blocks of its rows (same K, group and term
-        bits), taken one at a time: a backend whose form is made per block never needs the whole matrix's
+    def prepare_rows(self, blocks: Iterable[QuantView], n: int) -> Any:
+        """The compute form of one matrix of n rows given as consecutive blocks of its rows (same K, group and
+        term bits), taken one at a time: a backend whose form is made per block never needs the whole matrix's
         codes at once. By default the blocks are joined and prepared as one."""
         views = list(blocks)
         return self.prepare(views[0] if len(views) == 1 else QuantView(

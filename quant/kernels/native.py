@@ -14,9 +14,10 @@ next job spinning for a while; experts that wait for reads run side by side on t
 from __future__ import annotations
 
 import ctypes
+import itertools
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -172,6 +173,39 @@ class Native(PooledBackend, name="native"):
                 params.append(out)
             terms.append(NativeTerm(packed, *params, sums, t.bits))
         return NativeMatrix(tuple(terms), n, k, g)
+
+    def prepare_rows(self, blocks: Iterable[QuantView], n: int) -> NativeMatrix:
+        """The form made into its final arrays a block of rows at a time (blocks of a multiple of ROWS rows, the
+        last excepted): the whole matrix's codes are never held besides the form. Blocks of other sizes are
+        joined first (the base class's way)."""
+        it = iter(blocks)
+        first = next(it)
+        k, g = first.shape[1], first.group
+        if first.shape[0] == n or first.shape[0] % ROWS:
+            return super().prepare_rows(itertools.chain((first,), it), n)
+        whole = [(np.empty(_packed_count(n, k, t.bits), np.int8),) + tuple(
+            np.empty(-(-n // ROWS) * (k // g) * ROWS, dtype) for dtype in (np.int16, np.float16, np.float16))
+            for t in first.terms]  # per term: codes, sums, scale, offset, in the order _prepare asks for them
+        a = 0
+        for view in itertools.chain((first,), it):
+            if a % ROWS or view.shape[1] != k or view.group != g or [t.bits for t in view.terms] != [
+                    t.bits for t in first.terms]:
+                raise ValueError(f"blocks of rows at {a} do not continue the matrix's form")
+            arrays = iter(x for term in whole for x in term)
+            starts = (a * k // (2 if t.bits <= 4 else 1) if j == 0 else a * k // g
+                      for t in first.terms for j in range(4))
+
+            def carve(count: int, dtype, arrays=arrays, starts=starts) -> np.ndarray:
+                at = next(starts)
+                return next(arrays)[at:at + count]
+
+            self._prepare(view, carve)
+            a += view.shape[0]
+        if a != n:
+            raise ValueError(f"blocks of {a} rows for a matrix of {n}")
+        terms = tuple(NativeTerm(c, s.reshape(-1, k // g, ROWS), o.reshape(-1, k // g, ROWS),
+                                 u.reshape(-1, k // g, ROWS), t.bits) for (c, u, s, o), t in zip(whole, first.terms))
+        return NativeMatrix(terms, n, k, g)
 
     def linear(self, x: torch.Tensor, form: NativeMatrix) -> torch.Tensor:
         xs = _as_array(x)

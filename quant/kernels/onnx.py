@@ -92,7 +92,7 @@ class OnnxRuntime(PooledBackend, name="onnxruntime"):
         edges = [n * i // blocks for i in range(blocks + 1)]
         return self._matrix(_rows(view, a, b) for a, b in zip(edges, edges[1:]))
 
-    def prepare_rows(self, blocks: Iterable[QuantView]) -> OrtMatrix:
+    def prepare_rows(self, blocks: Iterable[QuantView], n: int) -> OrtMatrix:
         """A matrix from blocks of its rows: a session per block, each made as its block arrives (or
         prepare's split of a single block)."""
         it = iter(blocks)

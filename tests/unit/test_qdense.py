@@ -34,7 +34,7 @@ def test_group_is_the_largest_that_divides_a_row():
 
 def test_quantize_rows_in_blocks_equals_quantize_at_once():
     w = torch.randn(300, 256)
-    a, b = quantize_rows(w, 64, rows=128), quantize(w, 8, 64)
+    a, b = quantize_rows(w, 64, codes=128 * 256), quantize(w, 8, 64)
     assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale) and torch.equal(a.minimum, b.minimum)
 
 

@@ -316,6 +316,36 @@ def test_native_form_from_planes_is_the_form_from_codes(bits):
     assert torch.equal(b.ffn(x, a), b.ffn(x, p))
 
 
+@pytest.mark.parametrize("bits", (2, 4, 8))
+def test_native_form_made_from_row_blocks_is_the_form_of_the_whole(bits):
+    """prepare_rows writes each block of rows into the final arrays (no copy of all the codes besides the form):
+    every array equals prepare's of the whole matrix, the last block short; blocks of rows not a multiple of 16
+    are joined first, to the same form; blocks that do not add up to the matrix are an error."""
+    if "native" not in available_backends():
+        pytest.skip("the native kernels are not built here")
+    import numpy as np
+
+    b = get_backend("native")
+    s = scheme("msb")
+    whole = s.view(s.encode(torch.randn(100, D, generator=torch.Generator().manual_seed(bits)), 32), bits)
+
+    def rows(a: int, z: int) -> QuantView:
+        return QuantView(tuple(AffineTerm(t.codes[a:z], t.bits, t.scale[a:z], t.zero[a:z]) for t in whole.terms),
+                         whole.bits, whole.group)
+
+    ref = b.prepare(whole)
+    for edges in ((0, 32, 64, 96, 100), (0, 48, 100), (0, 30, 60, 100)):
+        form = b.prepare_rows((rows(a, z) for a, z in zip(edges, edges[1:])), 100)
+        assert (form.n, form.k, form.group) == (ref.n, ref.k, ref.group) and form.nbytes == ref.nbytes
+        for tf, tr in zip(form.terms, ref.terms, strict=True):
+            for x, y in zip((tf.codes, tf.scale, tf.offset, tf.sums), (tr.codes, tr.scale, tr.offset, tr.sums)):
+                assert x.dtype == y.dtype and x.shape == y.shape and np.array_equal(x, y)
+    x = torch.randn(3, D, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(b.linear(x, form), b.linear(x, ref))
+    with pytest.raises(ValueError, match="blocks of 96 rows for a matrix of 100"):
+        b.prepare_rows((rows(a, z) for a, z in ((0, 32), (32, 96))), 100)
+
+
 def test_native_reuses_a_recycled_form_buffer_only_once_nothing_refers_to_it():
     """A form let go (Backend.recycle) leaves its buffer for the next form of the same size, but not while any
     array of the old form is still referred to; the form made in a reused buffer computes what a fresh one
