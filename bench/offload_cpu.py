@@ -6,7 +6,8 @@ top-8, expert width 1024; --layers of them) is written once as a GGUF file at Q8
 and converted from the same weights into a moed store, whose experts moed runs at 8 bits (and, for
 its own policy, at --extra-bits, e.g. auto: the most bits at which every expert fits the budget) with
 the fastest CPU kernel here (onnxruntime), dense weights at 8 bits (--dense-bits 8, as the Q8_0 file
-holds them). For each RAM budget share s (--shares) both engines run under the same memory
+holds them). For a comparison at the same bits, llama.cpp also runs a Q4_0 file of the same weights
+when --extra-bits has 4 (LLAMA_QTYPES). For each RAM budget share s (--shares) both engines run under the same memory
 cap, cap = base + s * E, where E is the bytes of the routed experts in the Q8_0 file and base an
 allowance for everything else (dense weights, KV cache, Python/torch runtime). base is measured
 once: moed runs uncapped with a budget of one token's experts of one layer, and base is its
@@ -90,6 +91,9 @@ CALIBRATE = ("attn", "head", "expert")  # engine timings of the base run's decod
 BITS = 8
 DENSE_BITS = 8
 MARGIN_SHARE, MIN_MARGIN = 0.25, 300 << 20
+# llama.cpp's files at other bits than the Q8_0 one, for a comparison at the bits of moed's --extra-bits runs:
+# Q4_0 (4.5 bits a weight; moed's 4-bit native form holds ~4.4)
+LLAMA_QTYPES = {4: "Q4_0"}
 CGROUP_V1 = Path("/sys/fs/cgroup/memory")
 MiB = 1 << 20
 
@@ -346,7 +350,8 @@ def measure(spec: RunSpec, method: str, limit: int | None, label: str, files: li
 
 @dataclass(frozen=True, slots=True)
 class Files:
-    """The benchmark model: the HF folder, its Q8_0 GGUF, the moed store, and their sizes."""
+    """The benchmark model: the HF folder, its Q8_0 GGUF, the moed store, and their sizes; GGUFs at other
+    bits for llama.cpp's runs at those bits (LLAMA_QTYPES)."""
 
     hf: Path
     gguf: Path
@@ -354,14 +359,20 @@ class Files:
     config: dict
     expert_bytes: int  # routed experts in the GGUF
     gguf_bytes: int
+    more_ggufs: tuple[tuple[int, Path], ...] = ()  # (bits, file)
+
+    def llama_file(self, bits: int) -> Path:
+        """The GGUF llama.cpp runs at `bits`."""
+        return self.gguf if bits == BITS else dict(self.more_ggufs)[bits]
 
     def model_files(self) -> list[Path]:
         """Every file a run reads the model from (for page cache eviction)."""
-        return [self.gguf] + sorted(p for p in self.store.rglob("*") if p.is_file())
+        return [self.gguf, *(g for _, g in self.more_ggufs)] + sorted(p for p in self.store.rglob("*") if p.is_file())
 
 
-def build(work: Path, config: dict) -> Files:
-    """The HF folder, GGUF (Q8_0) and moed store of `config`, built once under `work` (keyed by the config)."""
+def build(work: Path, config: dict, llama_bits: tuple[int, ...] = ()) -> Files:
+    """The HF folder, GGUF (Q8_0, and LLAMA_QTYPES at llama_bits) and moed store of `config`, built once under
+    `work` (keyed by the config)."""
     from gguf import GGUFReader
 
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
@@ -377,7 +388,8 @@ def build(work: Path, config: dict) -> Files:
         convert(hf, store, force=True)
     experts = sum(int(t.n_bytes) for t in GGUFReader(gguf).tensors if "_exps." in t.name)
     cfg = json.loads((hf / "config.json").read_text())
-    return Files(hf, gguf, store, cfg, experts, gguf.stat().st_size)
+    more = tuple((b, gguf_file(hf, work / f"{tag}-{LLAMA_QTYPES[b]}.gguf", LLAMA_QTYPES[b])) for b in llama_bits)
+    return Files(hf, gguf, store, cfg, experts, gguf.stat().st_size, more)
 
 
 # -- the simulator --
@@ -487,7 +499,7 @@ class Setup:
     def spec(self, engine: str, policy: str = "", budget: str | int | None = None, trace: Path | None = None,
              bits: int | str = BITS) -> RunSpec:
         """A run of `engine` (moed: at `budget` under `policy` and `bits`; recording a trace if given)."""
-        model = self.files.gguf if engine == "llama.cpp" else self.files.store
+        model = self.files.llama_file(bits) if engine == "llama.cpp" else self.files.store
         return RunSpec(engine, str(model), self.prompt, self.tokens, self.threads, policy, bits, budget,
                        None if trace is None else str(trace))
 
@@ -543,7 +555,8 @@ def find_base(setup: Setup, trace: Path, given: int | None = None) -> dict:
 
 def run_budget(setup: Setup, share: float, base: dict, moed_budget: str, policies: list[str], trace: Trace,
                sims: dict[str, Machine], extra_bits: list[str], fill: float = 0.0) -> dict:
-    """llama.cpp and moed (each policy) at one RAM budget share under one cap, with the simulator's predictions."""
+    """llama.cpp (Q8_0, and at each of extra_bits LLAMA_QTYPES has) and moed (each policy; its own at extra_bits
+    and FILL%free) at one RAM budget share under one cap, with the simulator's predictions."""
     f = setup.files
     n_total = f.config["num_experts"] * f.config["num_hidden_layers"]
     moed_expert = base["run"]["expert_bytes"]
@@ -553,13 +566,20 @@ def run_budget(setup: Setup, share: float, base: dict, moed_budget: str, policie
     budget_bytes = budget if isinstance(budget, int) else int(share * moed_expert * n_total)
     held = min(n_total, budget_bytes // moed_expert)
     fills = [BITS] + extra_bits if fill and share < 1 else []  # what the cap leaves, as llama.cpp's page cache
+    llama_bits = [b for b, _ in f.more_ggufs]
     configs = ([(f"{label}-llama", "llama.cpp", "", None, BITS)]
+               + [(f"{label}-llama-{LLAMA_QTYPES[b]}", "llama.cpp", "", None, b) for b in llama_bits]
                + [(f"{label}-{pol}", "moed", pol, budget, BITS) for pol in policies]
                + [(f"{label}-moed-{bits}", "moed", "moed", budget, bits) for bits in extra_bits]
                + [(f"{label}-moed-{bits}-fill", "moed", "moed", f"{fill:g}%free", bits) for bits in fills])
     llama, *measured = setup.run_all(cap, configs)
     llama["simulator"] = compare(predict(trace, sims["llama.cpp"], "llamacpp", int(share * n_total)), llama)
     results = iter(measured)
+    llama_more = {}
+    for b in llama_bits:
+        r = llama_more[LLAMA_QTYPES[b]] = next(results)
+        r["bits"] = b
+        r["simulator"] = compare(None, r, "the profile has no llama.cpp kernel")
     before = copy.deepcopy(sims["moed"])  # the model as this budget's runs begin
     replayed: list[tuple[dict, str, int]] = []
 
@@ -596,7 +616,7 @@ def run_budget(setup: Setup, share: float, base: dict, moed_budget: str, policie
                 learn(m, trace.header.model, other)
         r["simulator_same_budget"] = compare(predict(trace, m, sim, n), r)
     return {"share": share, "cap_bytes": cap, "moed_ram_budget": budget_bytes, "moed_experts_held": held,
-            "llama.cpp": llama, "moed": runs}
+            "llama.cpp": llama, "llama.cpp more": llama_more, "moed": runs}
 
 
 def model_record(f: Files, quick: bool, moed_expert: int) -> dict:
@@ -609,12 +629,14 @@ def model_record(f: Files, quick: bool, moed_expert: int) -> dict:
             "weights": "random", "gguf": str(f.gguf), "gguf_bytes": f.gguf_bytes, "gguf_expert_bytes": f.expert_bytes,
             "gguf_bytes_per_expert": f.expert_bytes // n_total, "store": str(f.store),
             "moed_bytes_per_expert": moed_expert, "moed_bits": BITS, "moed_kernel": moed_kernel(),
-            "moed_dense_bits": DENSE_BITS}
+            "moed_dense_bits": DENSE_BITS,
+            "llama_more_ggufs": {LLAMA_QTYPES[b]: {"path": str(g), "bytes": g.stat().st_size} for b, g in f.more_ggufs}}
 
 
 # -- the report --
 
-def _cells(name: str, r: dict, llama_tps: float | None, cap: int | None, decode: int) -> list[str]:
+def _cells(name: str, r: dict, llama_tps: float | None, same_tps: float | None, cap: int | None,
+           decode: int) -> list[str]:
     sim_cells = []
     for key in ("simulator", "simulator_same_budget"):
         sim = r.get(key, {})
@@ -624,12 +646,13 @@ def _cells(name: str, r: dict, llama_tps: float | None, cap: int | None, decode:
             e = sim.get("relative_error")
             sim_cells += [f"{sim['predicted_s'] * 1e3:.1f}", f"{e:+.0%}" if e is not None else "-"]
     if r["status"] != "ok":
-        return [name, r["status"], "-", "-", "-", "-", "-", sim_cells[0], "-", sim_cells[2], "-"]
-    read = r["bytes_read"] if name != "llama.cpp" else r.get("disk_read_bytes")
+        return [name, r["status"], "-", "-", "-", "-", "-", "-", sim_cells[0], "-", sim_cells[2], "-"]
+    read = r.get("disk_read_bytes") if name.startswith("llama.cpp") else r["bytes_read"]
     ratio = f"{r['decode_tps'] / llama_tps:.2f}x" if llama_tps else "-"
+    same = f"{r['decode_tps'] / same_tps:.2f}x" if same_tps and not name.startswith("llama.cpp") else "-"
     hit = f"{r['hit_rate']:.2f}" if "hit_rate" in r else "-"
     cap_s = f"{cap / MiB:.0f}" if cap else "no cap"
-    return [name, f"{r['decode_tps']:.2f}", ratio, hit, "-" if read is None else f"{read / decode / MiB:.1f}",
+    return [name, f"{r['decode_tps']:.2f}", ratio, same, hit, "-" if read is None else f"{read / decode / MiB:.1f}",
             f"{r['peak_rss_bytes'] / MiB:.0f} / {cap_s}", f"{1e3 / r['decode_tps']:.1f}", *sim_cells]
 
 
@@ -661,7 +684,10 @@ def markdown(res: dict) -> str:
         f"({mod['gguf_bytes_per_expert'] / MiB:.2f} MiB each; the rest of the file "
         f"{(mod['gguf_bytes'] - mod['gguf_expert_bytes']) / MiB:.0f} MiB). moed: a store of the same weights, "
         f"experts at {BITS} bits ({mod['moed_kernel']} kernel), {mod['moed_bytes_per_expert'] / MiB:.2f} MiB each "
-        f"in RAM (the kernel's compute form); dense weights at {mod['moed_dense_bits']} bits.",
+        f"in RAM (the kernel's compute form); dense weights at {mod['moed_dense_bits']} bits."
+        + "".join(f" llama.cpp at the same bits as moed's other runs: {q}, {g['bytes'] / MiB:.0f} MiB (all its "
+                  "tensors at that type where the shapes allow, as the Q8_0 file's)."
+                  for q, g in mod.get("llama_more_ggufs", {}).items()),
         "Builds: moed's native kernels are compiled for this CPU (-march=native: AVX512-VNNI where it has it); "
         "llama.cpp as tools/setup.sh builds it (GGML_NATIVE=OFF with AVX2, FMA and F16C: no AVX512). A llama.cpp "
         "built for this CPU was not measured: it may be faster than here.",
@@ -679,20 +705,27 @@ def markdown(res: dict) -> str:
         "and each step's head (embedding, final norm, lm_head, and from the engine's timings on, the sampling and "
         "generate loop around the model)."
         + _refined(res['simulator'].get('moed_refined_from_base_run') or {}), ""]
-    head = ["engine", "decode tok/s", "vs llama.cpp", "hit rate", "MiB read / token", "peak RSS / cap MiB",
-            "measured ms/token", "simulated ms/token", "sim error", "simulated, same budget", "error"]
+    head = ["engine", "decode tok/s", "vs llama.cpp", "vs llama.cpp, same bits", "hit rate", "MiB read / token",
+            "peak RSS / cap MiB", "measured ms/token", "simulated ms/token", "sim error", "simulated, same budget",
+            "error"]
     for b in res["budgets"]:
-        llama = b["llama.cpp"]
+        llama, more = b["llama.cpp"], b.get("llama.cpp more", {})
         ltps = llama["decode_tps"] if llama["status"] == "ok" else None
+        by_bits = {BITS: ltps, **{r["bits"]: r["decode_tps"] if r["status"] == "ok" else None for r in more.values()}}
         cap_s = f"cap {b['cap_bytes'] / MiB:.0f} MiB" if b["cap_bytes"] else "NO CAP"
         lines += [f"## RAM budget {b['share']:.0%} of E ({cap_s}; moed budget "
                   f"{b['moed_ram_budget'] / MiB:.0f} MiB = {b['moed_experts_held']} of {mod['experts_total']} "
                   f"experts)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        rows = [("llama.cpp", llama)] + [(f"moed {p}" + (f" ({r['bits']} bits)" if "auto" in p and "bits" in r else ""),
-                                          r) for p, r in b["moed"].items()]
-        lines += ["| " + " | ".join(_cells(n, r, ltps, b["cap_bytes"], res["decode_tokens"])) + " |" for n, r in rows]
+        rows = [("llama.cpp", llama)] + [(f"llama.cpp {q}", r) for q, r in more.items()]
+        rows += [(f"moed {p}" + (f" ({r['bits']} bits)" if "auto" in p and "bits" in r else ""), r)
+                 for p, r in b["moed"].items()]
+        lines += ["| " + " | ".join(_cells(n, r, ltps, by_bits.get(r.get("bits")), b["cap_bytes"],
+                                           res["decode_tokens"])) + " |" for n, r in rows]
         lines.append("")
-    lines += ["Hit rate: share of expert uses in decode steps found in moed's RAM tier. MiB read / token: moed's "
+    lines += ["vs llama.cpp: against llama.cpp on the Q8_0 file; same bits: against llama.cpp on the file at the run's "
+              f"bits ({', '.join(f'{b} bits: {q}' for b, q in {BITS: 'Q8_0', **LLAMA_QTYPES}.items())}), under the "
+              "same cap.",
+              "Hit rate: share of expert uses in decode steps found in moed's RAM tier. MiB read / token: moed's "
               "reads from the store; llama.cpp's bytes read from storage (/proc/self/io, page faults on the mapped "
               "file). Peak RSS: VmHWM, for llama.cpp including the mapped file's resident pages. sim error: "
               "(simulated - measured) / measured" + (f"; n/a where the simulator has no such policy "
@@ -750,7 +783,8 @@ def main() -> None:
     if bad := [q for q in policies if q not in POLICIES]:
         p.error(f"unknown policies {bad} (known: {', '.join(POLICIES)})")
     config = {**(QUICK if a.quick else SHAPES[ARCH]), "num_hidden_layers": a.layers or (2 if a.quick else 4)}
-    files = build(Path(a.work), config)
+    extra = [b if b == "auto" else int(b) for b in a.extra_bits.split(",") if b.strip()]
+    files = build(Path(a.work), config, tuple(b for b in extra if b in LLAMA_QTYPES))
     method, unavailable = cap_method(a.cap)
     setup = Setup(files, tuple(prompt_tokens(a.prompt_tokens)), a.tokens, a.threads, method, a.repeats)
     out = Path(a.out or (Path(a.work) / "offload_cpu_quick" if a.quick else ROOT / "bench" / "results" / "offload_cpu"))
@@ -762,7 +796,6 @@ def main() -> None:
     trace = read_trace(trace_path)
     machine_spec = a.machine or default_machine()
     sims, refined = sim_machines(machine_spec, base["run"], trace.header.model)
-    extra = [b if b == "auto" else int(b) for b in a.extra_bits.split(",") if b.strip()]
     budgets = [run_budget(setup, s, base, a.moed_budget, policies, trace, sims, extra, a.fill) for s in shares]
 
     for r in [base["run"]] + [r for b in budgets for r in b["moed"].values()]:  # learned from; kept as a summary
