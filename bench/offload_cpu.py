@@ -5,16 +5,15 @@ What is measured. A random-weight model with OLMoE-1B-7B layer shapes (hidden 20
 top-8, expert width 1024; --layers of them) is written once as a GGUF file at Q8_0 for llama.cpp
 and converted from the same weights into a moed store, whose experts moed runs at 8 bits (and, for
 its own policy, at --extra-bits, e.g. auto: the most bits at which every expert fits the budget) with
-the fastest CPU kernel here (onnxruntime), dense weights at 8 bits (--dense-bits 8, as the Q8_0 file
-holds them). For a comparison at the same bits, llama.cpp also runs a Q4_0 file of the same weights
-when --extra-bits has 4 (LLAMA_QTYPES). For each RAM budget share s (--shares) both engines run under the same memory
-cap, cap = base + s * E, where E is the bytes of the routed experts in the Q8_0 file and base an
-allowance for everything else (dense weights, KV cache, Python/torch runtime). base is measured
-once: moed runs uncapped with a budget of one token's experts of one layer, and base is its
+the fastest CPU kernel here (moed's native one where it builds), dense weights at 8 bits (--dense-bits 8,
+as the Q8_0 file holds them). For a comparison at the same bits, llama.cpp also runs a Q4_0 file of the
+same weights when --extra-bits has 4 (LLAMA_QTYPES). For each RAM budget share s (--shares) both engines
+run under the same memory cap, cap = base + s * E, where E is the bytes of the routed experts in the Q8_0
+file and base an allowance for everything else (dense weights, KV cache, Python/torch runtime). base is
+measured once: moed runs uncapped with a budget of one token's experts of one layer, and base is its
 peak RSS minus the bytes its RAM tier ever held, plus a margin (MARGIN_SHARE, at least MIN_MARGIN).
 moed's RAM budget is s of its own experts' bytes (--moed-budget share, the default: what
-`--ram-budget s%` means; onnxruntime's form of an expert takes ~1.1x its Q8_0 bytes, which the
-margin absorbs, and the cap binds it as it binds llama.cpp) or s * E bytes (--moed-budget bytes:
+`--ram-budget s%` means; the native form of an expert takes ~0.98x its Q8_0 bytes) or s * E bytes (--moed-budget bytes:
 exactly the room the cap leaves llama.cpp for experts). Below a 100% share, moed's own policy also runs
 with `--ram-budget FILL%free` (--fill): a share of the memory the cap leaves when its tier is made, as
 a user of a capped container would set it, and as llama.cpp's page cache fills whatever the cap leaves.
