@@ -16,16 +16,22 @@ is when both compute resources are done. Not modelled: an expert starting on its
 higher ones are on their way, two experts sharing the CPU's threads, prefetches still in flight.
 
 `schedule` starts from HybriMoE's rules (experts resident in VRAM on the GPU; of the rest the
-heaviest to the GPU or the lightest to the CPU, whichever would finish its next one earlier),
-then a branch and bound over splits, cut by the work each resource must do, keeps the best;
-experts with the same op times are one class, so decode (many alike) takes a few nodes. A split's
-orders follow rules: each device runs its resident experts first (earliest-ready-first is optimal
-on one machine); the CPU's reads go in Johnson's order of (read, CPU time), optimal for one flash
-queue feeding one CPU and, with reads of equal size, hottest first; the GPU's in Johnson's order
-of (read + copy, copy + GPU time); the two are merged by the work waiting behind each; copies of
-experts held in RAM follow Johnson's order of (copy, GPU time), merged with the others by the
-best of four rules. The best splits whose GPU experts need reads then have their read and copy
-orders improved one move at a time. Without a GPU the plan is Johnson's order, which is optimal.
+heaviest to the GPU or the lightest to the CPU, whichever would finish its next one earlier). A
+split's orders follow rules: each device runs its resident experts first (earliest-ready-first is
+optimal on one machine); the CPU's reads go in Johnson's order of (read, CPU time), optimal for one
+flash queue feeding one CPU and, with reads of equal size, hottest first; the GPU's in Johnson's
+order of (read + copy, copy + GPU time); the two are merged by the work waiting behind each; copies
+of experts held in RAM follow Johnson's order of (copy, GPU time), merged with the others by the
+best of four rules. Each split has a bound no order of it beats (the work of each resource, and the
+reads and copies each followed by the shortest op that must come after them). Where the splits are
+few enough to weigh them all (experts with the same op times are one class, so decode, with many
+alike, has a few dozen), a branch and bound finds a split of least bound, which no plan beats; it
+is skipped when HybriMoE's split meets cheap bounds on every split (the reads no device avoids, the
+best split of the GPU's and the CPU's work). When the rules' orders meet that bound (in the decode
+benchmark, always), the plan is optimal and nothing more is tried. Otherwise (or with more experts)
+a branch and bound over splits, cut by their bounds, keeps the best few with the best of the rules'
+orders, and those whose GPU experts need reads then have their read and copy orders improved one
+move at a time. Without a GPU the plan is Johnson's order, which is optimal.
 
 `optimal_plan` finds the true minimum of the same model for up to MAX_EXACT experts by dynamic
 programming over the set of experts placed so far, keeping the Pareto-best (flash, copy, gpu,
@@ -57,8 +63,19 @@ SEARCH_WORK = 2048  # the split search's budget of options weighed (for 8 expert
 SEARCH_LEAVES = 16384  # and of splits evaluated times experts squared (every split of 8 experts)
 POLISH_OPS = 16  # reads and copies beyond which orders are left to the rules
 KEEP = 3  # splits the search hands to order polishing
+EXACT_SPLITS = 512  # splits (product of class sizes + 1) up to which the search weighs them all
 MEMO = 1 << 16  # op-time rows a LayerCosts keeps before starting afresh
 _EPS = 1e-12  # relative: an improvement smaller than this is rounding
+
+
+def _held_key(n: int, b: int, v: int, r: int, unified: bool) -> tuple[int, int, int, int]:
+    """(n, b, v, r) with bits held beyond b counted as b, and on unified memory VRAM's and RAM's as one:
+    the same op times and moves, and one key."""
+    if v > b:
+        v = b
+    if r > b:
+        r = b
+    return (n, b, 0, v if v > r else r) if unified else (n, b, v, r)
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,10 +119,11 @@ class LayerCosts:
     def row(self, n: int, b: int, v: int, r: int) -> tuple:
         """(pc, rc, nrc, pg, rg, cg, nrg, ncg) of an expert over n tokens at b bits, held at v bits in
         VRAM and r in RAM: compute, read and copy seconds and the bytes moved, for each device."""
-        key = (n, b, v, r)
+        key = _held_key(n, b, v, r, self.unified)
         row = self.memo.get(key)
         if row is not None:
             return row
+        n, b, v, r = key
         sizes, read, nb = self.sizes, self.read, self.sizes[b]
         if self.unified:  # one pool: whatever either tier holds serves both devices
             have = v if v > r else r
@@ -200,6 +218,7 @@ class _Jobs(NamedTuple):
     ncg: tuple[int, ...]
     free: tuple[float, float, float, float]  # flash, copy, gpu, cpu
     has_gpu: bool
+    rows: list[tuple]  # each expert's row of op times, as LayerCosts.row gives it (one object per key)
 
 
 def _free_at(free_at: Mapping[str, float] | None) -> tuple[float, float, float, float]:
@@ -217,21 +236,23 @@ def _prepare(demand: Mapping[int, int], residency: Mapping[int, Mapping[str, int
              costs: LayerCosts, free_at: Mapping[str, float] | None) -> _Jobs:
     """Validate the input and look up each expert's op times on each device."""
     free = _free_at(free_at)
-    has_gpu, row = costs.gpu is not None, costs.row
+    has_gpu, row, memo, unified = costs.gpu is not None, costs.row, costs.memo, costs.unified
     one = type(bits) is int
     if not one and not isinstance(bits, Mapping) or one and not 1 <= bits <= MAX_BITS:  # type: ignore[operator]
         raise ValueError(f"bits must be an int in 1..{MAX_BITS} or a mapping expert -> bits, got {bits!r}")
     ids = sorted(demand)
-    tokens, bl, rows = [], [], []
+    tokens, bl, rows, held_by = [], [], [], residency.get
+    b = bits
     for e in ids:
         n = demand[e]
         if type(n) is not int or n < 0:
             raise ValueError(f"expert {e}: tokens must be an int >= 0, got {n!r}")
-        b = bits if one else bits.get(e)  # type: ignore[union-attr]
-        if not one and (type(b) is not int or not 1 <= b <= MAX_BITS):
-            raise ValueError(f"expert {e}: bits must be an int in 1..{MAX_BITS}, got {b!r}")
+        if not one:
+            b = bits.get(e)  # type: ignore[union-attr]
+            if type(b) is not int or not 1 <= b <= MAX_BITS:
+                raise ValueError(f"expert {e}: bits must be an int in 1..{MAX_BITS}, got {b!r}")
         v = r = 0
-        held = residency.get(e)
+        held = held_by(e)
         if held:
             for tier, hb in held.items():
                 if type(hb) is not int or not 0 <= hb <= MAX_BITS:
@@ -248,13 +269,19 @@ def _prepare(demand: Mapping[int, int], residency: Mapping[int, Mapping[str, int
                     raise ValueError(f"expert {e}: flash holds every expert at {MAX_BITS} bits, not {hb}")
         tokens.append(n)
         bl.append(b)
-        rows.append(row(n, b, v, r))  # type: ignore[arg-type]
+        if v > b:  # bits held beyond those asked for are as good as those (the key _held_key gives)
+            v = b
+        if r > b:
+            r = b
+        key = (n, b, 0, v if v > r else r) if unified else (n, b, v, r)
+        rows.append(memo.get(key) or row(*key))
     cols = tuple(zip(*rows)) if rows else ((),) * 8
-    return _Jobs(ids, tuple(tokens), tuple(bl), *cols, free, has_gpu)  # type: ignore[arg-type]
+    return _Jobs(ids, tuple(tokens), tuple(bl), *cols, free, has_gpu, rows)  # type: ignore[arg-type]
 
 
 def _run(reads: list[int], copies: list[int], gpu: list[int], cpu: list[int], rd: list[float], cp: list[float],
-         pg: list[float], pc: list[float], free: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+         pg: list[float], pc: list[float],
+         free: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
     """When each resource ends (flash, copy, gpu, cpu), given the queues and each expert's op times.
 
     rd[i]: expert i's read on its own device's path; cp[i]: its copy. The one timing function
@@ -311,23 +338,37 @@ def simulate(plan: Plan, costs: LayerCosts, free_at: Mapping[str, float] | None 
     return g if g > c else c
 
 
-def _plan(J: _Jobs, dev: list[int], reads: list[int], copies: list[int], gpu: list[int], cpu: list[int]) -> Plan:
-    """The Plan of a split (dev[i]: 1 GPU, 0 CPU) and queues of expert indices."""
-    ids, n, pg, pc, bits, tokens = J.ids, len(J.ids), J.pg, J.pc, J.bits, J.tokens
-    rg, rc, cg, nrg, nrc, ncg = J.rg, J.rc, J.cg, J.nrg, J.nrc, J.ncg
-    rd = [rg[i] if dev[i] else rc[i] for i in range(n)]
-    cp = [cg[i] if dev[i] else 0.0 for i in range(n)]
-    ends = _run(reads, copies, gpu, cpu, rd, cp, pg, pc, J.free)
-    new, task, at = tuple.__new__, Task, ids.__getitem__
-    tasks = {}
-    for i in range(n):
-        e = ids[i]
-        tasks[e] = new(task, (e, "gpu", bits[i], tokens[i], nrg[i], ncg[i]) if dev[i] else
-                       (e, "cpu", bits[i], tokens[i], nrc[i], 0))
-    busy = {"flash": sum(map(rd.__getitem__, reads)), "copy": sum(map(cp.__getitem__, copies)),
-            "gpu": sum(map(pg.__getitem__, gpu)), "cpu": sum(map(pc.__getitem__, cpu))}
-    return Plan(tasks, tuple(map(at, gpu)), tuple(map(at, cpu)), tuple(map(at, copies)), tuple(map(at, reads)),
-                ends[2] if ends[2] > ends[3] else ends[3], busy, dict(zip(RESOURCES, ends)))
+def _plan(J: _Jobs, dev: list[int], reads: list[int], copies: list[int], gpu: list[int], cpu: list[int],
+          ends: tuple[float, float, float, float] | None = None) -> Plan:
+    """The Plan of a split (dev[i]: 1 GPU, 0 CPU) and queues of expert indices; ends: what `_run` gives
+    them, if known."""
+    ids, pg, pc, rg, rc, cg, bits, tokens = J.ids, J.pg, J.pc, J.rg, J.rc, J.cg, J.bits, J.tokens
+    nrg, nrc, ncg = J.nrg, J.nrc, J.ncg
+    if ends is None:
+        rd, cp = [*rc], [0.0] * len(ids)
+        for i in gpu:
+            rd[i] = rg[i]
+            cp[i] = cg[i]
+        ends = _run(reads, copies, gpu, cpu, rd, cp, pg, pc, J.free)
+    new, tasks = tuple.__new__, {}
+    for i, e in enumerate(ids):
+        if dev[i]:
+            tasks[e] = new(Task, (e, "gpu", bits[i], tokens[i], nrg[i], ncg[i]))
+        else:
+            tasks[e] = new(Task, (e, "cpu", bits[i], tokens[i], nrc[i], 0))
+    bf = bk = bg = bc = 0.0  # seconds of work of flash, copy, gpu, cpu
+    for i in reads:
+        bf += rg[i] if dev[i] else rc[i]
+    for i in copies:
+        bk += cg[i]
+    for i in gpu:
+        bg += pg[i]
+    for i in cpu:
+        bc += pc[i]
+    g, c = ends[2], ends[3]
+    return Plan(tasks, tuple([ids[i] for i in gpu]), tuple([ids[i] for i in cpu]), tuple([ids[i] for i in copies]),
+                tuple([ids[i] for i in reads]), g if g > c else c, {"flash": bf, "copy": bk, "gpu": bg, "cpu": bc},
+                dict(zip(RESOURCES, ends)))
 
 
 def _johnson(items: list[int], a: Callable[[int], float], b: Callable[[int], float]) -> list[int]:
@@ -360,7 +401,9 @@ def _greedy(J: _Jobs) -> list[int]:
         else:
             dev[i] = 1
             g += pg[i]
-    rest.sort(key=lambda i: (-J.tokens[i], i))
+    tokens = J.tokens
+    if rest and tokens.count(tokens[0]) < n:  # hottest first (in decode, every expert has one token)
+        rest.sort(key=lambda i: (-tokens[i], i))
     lo, hi = 0, len(rest) - 1
     while lo <= hi:
         h, light = rest[lo], rest[hi]
@@ -435,6 +478,21 @@ def _fractional(a0: float, b0: float, a: tuple[float, ...], b: tuple[float, ...]
     return min(both, left if alone is None else alone) if lazy else both
 
 
+def _balance_bound(J: _Jobs) -> float:
+    """A finish no split beats, by the CPU's and the GPU's work alone: the best split of that work in whole
+    experts when each takes the same time on each device, in fractions of experts otherwise."""
+    pg, pc, (_, _, g0, c0), n = J.pg, J.pc, J.free, len(J.pg)
+    p, q = pg[0], pc[0]
+    if pg.count(p) < n or pc.count(q) < n:
+        return _fractional(c0, g0, pc, pg, False)
+    x = int((c0 + n * q - g0) / (p + q)) if p + q > 0.0 else n  # where the GPU's and the CPU's work meet
+    x = 0 if x < 0 else n if x > n else x
+    best = max(g0 + x * p, c0 + (n - x) * q)
+    if x < n:
+        best = min(best, max(g0 + (x + 1) * p, c0 + (n - x - 1) * q))
+    return best
+
+
 def _lower_bound(J: _Jobs, best: float = float("inf")) -> float:
     """A finish no split or order can beat: each expert's earliest end, the reads no device avoids,
     and the CPU against the GPU and against the copy stream (fractional splits; skipped when the
@@ -462,81 +520,91 @@ def _lower_bound(J: _Jobs, best: float = float("inf")) -> float:
 
 
 def _evaluator(J: _Jobs) -> Callable:
-    """evaluate(dev, orders=False): a split's finish time with the queues the rules give (and the queues).
+    """evaluate(dev, orders=False, bound=None): a split's finish time with the queues the rules give (and
+    the queues); bound: its `_split_bound`, if known (no order beats it).
 
     It tries three orders of the GPU's reads (Johnson's rule for (read + copy, copy + GPU) and for
     (read, copy), and most work behind first) and, when both devices read, two of the CPU's
     (Johnson's rule, longest first) and two merges of the two (by work behind, the GPU's first),
-    each with four merges of the copies, and keeps the best (remembered per split).
+    each with four merges of the copies, and keeps the best (remembered per split), or the first
+    that meets the bound.
     """
     n = len(J.ids)
     pc, rc, nrc, pg, rg, cg, nrg, ncg = J.pc, J.rc, J.nrc, J.pg, J.rg, J.cg, J.nrg, J.ncg
     f0, k0, g0, c0 = J.free
-    cpu_reads = _johnson([i for i in range(n) if nrc[i]], rc.__getitem__, pc.__getitem__)
-    need = [i for i in range(n) if nrg[i]]
-    copy_only = _johnson([i for i in range(n) if ncg[i] and not nrg[i]], cg.__getitem__, pg.__getitem__)
-    resident = [i for i in range(n) if not nrg[i] and not ncg[i]]
+    cpu_reads, need, copy_only, resident = [], [], [], []
+    for i in range(n):
+        if nrc[i]:
+            cpu_reads.append(i)
+        if nrg[i]:
+            need.append(i)
+        elif ncg[i]:
+            copy_only.append(i)
+        else:
+            resident.append(i)
+    cpu_reads = _johnson(cpu_reads, rc.__getitem__, pc.__getitem__)
+    copy_only = _johnson(copy_only, cg.__getitem__, pg.__getitem__)
     ready = [0.0] * n
-    lazy: dict[str, list] = {}  # orders only some splits need, made on first use
+    gpu_orders: list[list[int]] = []  # the GPU's read orders, and the CPU's longest first: made on first use
+    cpu_longest: list[list[int]] = []
     seen_splits: dict[tuple, tuple] = {}  # split -> its best queues
 
-    def gpu_orders() -> list[list[int]]:
-        if "gpu" not in lazy:
-            out = lazy["gpu"] = [_johnson(need, lambda i: rg[i] + cg[i], lambda i: cg[i] + pg[i])]
-            for o in (_johnson(need, rg.__getitem__, cg.__getitem__), sorted(need, key=lambda i: (-cg[i] - pg[i], i))):
-                if o not in out:
-                    out.append(o)
-        return lazy["gpu"]
+    def gpu_order(x: int) -> list[int]:
+        while len(gpu_orders) <= x:
+            made = len(gpu_orders)
+            gpu_orders.append(_johnson(need, lambda i: rg[i] + cg[i], lambda i: cg[i] + pg[i]) if made == 0 else
+                              _johnson(need, rg.__getitem__, cg.__getitem__) if made == 1 else
+                              sorted(need, key=lambda i: (-cg[i] - pg[i], i)))
+        return gpu_orders[x]
 
-    def cpu_longest() -> list[int]:
-        if "cpu" not in lazy:
-            lazy["cpu"] = sorted(cpu_reads, key=lambda i: (-pc[i], i))
-        return lazy["cpu"]
-
-    def evaluate(dev: list[int], orders: bool = False):
+    def evaluate(dev: list[int], orders: bool = False, bound: float | None = None):
         key = tuple(dev)
         best = seen_splits.get(key)
         if best is None:
-            best = seen_splits[key] = best_queues(dev)
+            best = seen_splits[key] = best_queues(dev, _split_bound(J, dev) if bound is None else bound)
         t, reads, seq, cr, cpu, gpu = best
         if not orders:
             return t
         return t, reads, [i for i in seq if ncg[i]], gpu + seq, cpu + cr
 
-    def best_queues(dev: list[int]) -> tuple:
+    def flash_orders(dev: list[int], gr: list[int], cr0: list[int]):
+        """(the CPU's read order, the flash order) to try, best bets first."""
+        yield cr0, _merge(cr0, gr, pc, pg, cg)
+        if gr and len(cr0) > 1:
+            if not cpu_longest:
+                cpu_longest.append(sorted(cpu_reads, key=lambda i: (-pc[i], i)))
+            cr = [i for i in cpu_longest[0] if not dev[i]]
+            if cr != cr0:
+                yield cr, _merge(cr, gr, pc, pg, cg)
+        if cr0 and gr:
+            yield cr0, gr + cr0
+
+    def best_queues(dev: list[int], bound: float) -> tuple:
+        enough = bound * (1 + _EPS)  # no order does better: stop at the first that gets there
         cr0 = [i for i in cpu_reads if not dev[i]]
-        cpu = [i for i in range(n) if not dev[i] and not nrc[i]]
-        gpu = [i for i in resident if dev[i]]
+        cpu, gpu, c1, g1 = [], [], c0, g0
+        for i in range(n):
+            if not dev[i]:
+                if not nrc[i]:
+                    cpu.append(i)
+                    c1 += pc[i]
+            elif not nrg[i] and not ncg[i]:
+                gpu.append(i)
+                g1 += pg[i]
         co = [i for i in copy_only if dev[i]]
-        c1, g1 = c0, g0
-        for i in cpu:
-            c1 += pc[i]
-        for i in gpu:
-            g1 += pg[i]
         best, seen = None, []
-        for go in gpu_orders() if any(dev[i] for i in need) else ([],):
-            gr = [i for i in go if dev[i]]
+        for x in range(3) if any([dev[i] for i in need]) else (-1,):
+            gr = [i for i in gpu_order(x) if dev[i]] if x >= 0 else []
             if gr in seen:
                 continue
             seen.append(gr)
-            crs = [cr0]
-            if gr and len(cr0) > 1:
-                cr = [i for i in cpu_longest() if not dev[i]]
-                if cr != cr0:
-                    crs.append(cr)
-            flash = [(cr, _merge(cr, gr, pc, pg, cg)) for cr in crs] + ([(cr0, gr + cr0)] if cr0 and gr else [])
-            for cr, reads in flash:
+            for cr, reads in flash_orders(dev, gr, cr0):
                 f = f0
                 for i in reads:
                     f += rg[i] if dev[i] else rc[i]
                     ready[i] = f
                 c = _serial(cr, ready, pc, c1)
-                if co and gr:
-                    k1 = [i for i in co if cg[i] <= pg[i]]
-                    cands = (co + gr, gr + co, k1 + gr + co[len(k1):], _fill(co, gr, ready, cg, k0))
-                else:
-                    cands = (co or gr,)
-                for q in cands:
+                for q in copy_orders(co, gr) if co and gr else (co or gr,):
                     k, h = k0, g1
                     for i in q:
                         t = ready[i] if nrg[i] else 0.0
@@ -547,9 +615,60 @@ def _evaluator(J: _Jobs) -> Callable:
                     t = h if h > c else c
                     if best is None or t < best[0]:
                         best = (t, reads, q, cr, cpu, gpu)
+                        if t <= enough:
+                            return best
         return best
 
+    def copy_orders(co: list[int], gr: list[int]):
+        """Merges of the copies of experts held in RAM (co) and of those read from flash (gr, once read)."""
+        yield co + gr
+        yield gr + co
+        k1 = [i for i in co if cg[i] <= pg[i]]
+        yield k1 + gr + co[len(k1):]
+        yield _fill(co, gr, ready, cg, k0)
+
     return evaluate
+
+
+def _rules(J: _Jobs, dev: list[int]) -> tuple[tuple[float, float, float, float], list[int], list[int], list[int],
+                                               list[int]]:
+    """(ends, reads, copies, gpu, cpu) of a split with the orders the rules give first (those `_evaluator`
+    tries first): each device's resident experts first; the CPU's reads in Johnson's order of (read,
+    CPU time), the GPU's of (read + copy, copy + GPU time), merged by `_merge`; copies of experts held
+    in RAM in Johnson's order of (copy, GPU time), then those of experts read from flash."""
+    pc, rc, nrc, pg, rg, cg, nrg, ncg = J.pc, J.rc, J.nrc, J.pg, J.rg, J.cg, J.nrg, J.ncg
+    f, k, g, c = J.free
+    cpu, gpu, cr, gr, co = [], [], [], [], []
+    for i in range(len(dev)):
+        if dev[i]:
+            if nrg[i]:
+                gr.append(i)
+            elif ncg[i]:
+                co.append(i)
+            else:
+                gpu.append(i)
+                g += pg[i]
+        elif nrc[i]:
+            cr.append(i)
+        else:
+            cpu.append(i)
+            c += pc[i]
+    cr = _johnson(cr, rc.__getitem__, pc.__getitem__)
+    gr = _johnson(gr, lambda i: rg[i] + cg[i], lambda i: cg[i] + pg[i])
+    seq = _johnson(co, cg.__getitem__, pg.__getitem__) + gr
+    reads = _merge(cr, gr, pc, pg, cg)
+    ready = [0.0] * len(dev)
+    for i in reads:
+        f += rg[i] if dev[i] else rc[i]
+        ready[i] = f
+    c = _serial(cr, ready, pc, c)
+    for i in seq:
+        t = ready[i]
+        if ncg[i]:
+            k = (t if k < t else k) + cg[i]
+            t = k
+        g = (t if g < t else g) + pg[i]
+    return (f, k, g, c), reads, [i for i in seq if ncg[i]], gpu + seq, cpu + cr
 
 
 def _merge(cr: list[int], gr: list[int], pc: tuple[float, ...], pg: tuple[float, ...],
@@ -593,6 +712,159 @@ def _fill(co: list[int], gr: list[int], ready: list[float], cg: tuple[float, ...
         k += cg[i]
         seq.append(i)
     return seq
+
+
+def _classes(J: _Jobs) -> list[list[int]]:
+    """The experts grouped by op times and moves (alike to the plan): those that move planes first, then
+    the most work first."""
+    pg, pc, nrg, ncg, nrc = J.pg, J.pc, J.nrg, J.ncg, J.nrc
+    alike: dict[int, list[int]] = {}
+    for i, row in enumerate(J.rows):  # equal rows are one object: LayerCosts.row keys them canonically
+        same = alike.get(id(row))
+        if same is None:
+            alike[id(row)] = [i]
+        else:
+            same.append(i)
+
+    def order(members: list[int]) -> tuple:
+        i = members[0]
+        return not (nrg[i] or ncg[i] or nrc[i]), -len(members) * (pg[i] if pg[i] > pc[i] else pc[i]), i
+
+    return sorted(alike.values(), key=order)
+
+
+def _least_split(J: _Jobs, classes: list[list[int]], start: float, dev: list[int],
+                 low: float) -> tuple[float, list[int]]:
+    """The least `_split_bound` of any split, which no plan beats, and a split that has it; dev: a split
+    whose bound is `start`, to beat; low: a bound no split beats, met by the first split that reaches it.
+
+    Branch and bound over how many of each class (`_classes`) run on the GPU, the options of least
+    bound first (of equal bounds, the better balanced, at once if it meets `low`), each bounded by the
+    work every resource must do for the classes so far and at least for the others.
+    """
+    pg, pc, rg, cg, rc, nrg, ncg, nrc = J.pg, J.pc, J.rg, J.cg, J.rc, J.nrg, J.ncg, J.nrc
+    inf = float("inf")
+    f0, k0, g0, c0 = J.free
+    # per class: size; GPU and CPU time; read before the GPU, before the CPU, copy (0.0: none); the
+    # shortest op after a read for the GPU, for the CPU, after a copy (inf: none); whether the copy
+    # waits for a read, and whether it moves anything; and what the later classes add at least:
+    # compute, reads (of those read wherever they run), the shortest op after a read and after a copy
+    levels = []
+    rest = reads = 0.0
+    tail = ktail = inf
+    for members in reversed(classes):
+        i, m = members[0], len(members)
+        p, q = pg[i], pc[i]
+        r1, t1 = (rg[i], cg[i] + p) if nrg[i] else (0.0, inf)
+        r2, t2 = (rc[i], q) if nrc[i] else (0.0, inf)
+        y, t3 = (cg[i], p) if ncg[i] else (0.0, inf)
+        levels.append((m, p, q, r1, r2, y, t1, t2, t3, nrg[i] and ncg[i], nrg[i] or ncg[i] or nrc[i], rest, reads,
+                       tail, ktail))
+        rest += m * (p if p < q else q)
+        if t1 < inf and t2 < inf:
+            reads += m * (r1 if r1 < r2 else r2)
+        if t1 < tail:
+            tail = t1
+        if t2 < tail:
+            tail = t2
+        if t3 < ktail:
+            ktail = t3
+    levels.reverse()
+    last = len(levels) - 1
+    take = [0] * len(levels)  # how many of each class run on the GPU
+    best: list = [start, None]  # the least bound, and the takes that have it (None: dev's)
+
+    def visit(j: int, g: float, c: float, moved: tuple) -> None:
+        # moved: the GPU's and the CPU's reads and the copies so far (after flash and the copy stream
+        # free); the shortest op after one of each (inf: none yet); and the copies that wait for a read,
+        # with the shortest of those reads and of their GPU ops
+        m, p, q, r1, r2, y, t1, t2, t3, both, moves, rest, reads, tail, ktail = levels[j]
+        options, cut, other, moved2 = [], best[0], -1.0, moved
+        for x in range(m + 1):  # x of the class on the GPU
+            g2, c2 = g + x * p, c + (m - x) * q
+            bound = g2 if g2 > c2 else c2
+            if bound >= cut:
+                continue
+            balance = bound
+            if j < last:  # and what the later classes add at least
+                h = (g2 + c2 + rest) * 0.5
+                if h > bound:
+                    bound = h
+            if moves or other < 0.0:  # flash and the copy stream (the same for every x if it moves nothing)
+                fg, fc, k, tg, tc, tk, kr, rmin, tkr = moved
+                if x:
+                    if t1 < inf:
+                        fg += x * r1
+                        if t1 < tg:
+                            tg = t1
+                    if t3 < inf:
+                        k += x * y
+                        if t3 < tk:
+                            tk = t3
+                    if both:
+                        kr += x * y
+                        if r1 < rmin:
+                            rmin = r1
+                        if p < tkr:
+                            tkr = p
+                if x < m and t2 < inf:
+                    fc += (m - x) * r2
+                    if t2 < tc:
+                        tc = t2
+                other, tf = 0.0, tg if tg < tc else tc
+                if j == last:  # the split's bound
+                    if tf < inf:
+                        other = f0 + fg + fc + tf
+                        if tg < inf and f0 + fg + tg > other:
+                            other = f0 + fg + tg
+                        if tc < inf and f0 + fc + tc > other:
+                            other = f0 + fc + tc
+                    if tk < inf and k0 + k + tk > other:
+                        other = k0 + k + tk
+                    if tkr < inf and f0 + rmin + kr + tkr > other:
+                        other = f0 + rmin + kr + tkr
+                else:
+                    if tf < inf or reads:
+                        other = f0 + fg + fc + reads + (tf if tf < tail else tail)
+                    if tk < inf and k0 + k + (tk if tk < ktail else ktail) > other:
+                        other = k0 + k + (tk if tk < ktail else ktail)
+                    if moves:
+                        moved2 = (fg, fc, k, tg, tc, tk, kr, rmin, tkr)
+            if other > bound:
+                bound = other
+            if bound >= cut:
+                continue
+            if j == last:  # a better split
+                take[j] = x
+                cut = best[0] = bound
+                best[1] = take[:]
+                if cut <= low:
+                    return
+            elif bound <= low:  # no option does better: on with it at once, and stop if it gets there
+                take[j] = x
+                visit(j + 1, g2, c2, moved2)
+                if best[0] <= low:
+                    return
+                cut = best[0]
+            else:
+                options.append((bound, balance, x, g2, c2, moved2))
+        if len(options) > 1:
+            options.sort()
+        for bound, _, x, g2, c2, moved2 in options:
+            if bound >= best[0] or best[0] <= low:
+                return
+            take[j] = x
+            visit(j + 1, g2, c2, moved2)
+
+    if levels:
+        visit(0, g0, c0, (0.0, 0.0, 0.0, inf, inf, inf, 0.0, inf, inf))
+    if best[1] is None:
+        return start, dev
+    dev = [0] * len(pg)
+    for members, x in zip(classes, best[1]):
+        for e in members[:x]:
+            dev[e] = 1
+    return best[0], dev
 
 
 def _split_search(J: _Jobs, evaluate: Callable, found: list, lb: float) -> None:
@@ -664,27 +936,35 @@ def _keep(found: list, t: float, dev: list[int]) -> None:
 
 
 def _split_bound(J: _Jobs, dev: list[int]) -> float:
-    """A finish no order of this split can beat: the work of each resource, and of flash and the copy
-    stream each followed by the shortest op that must come after their last one."""
+    """A finish no order of this split can beat: the work of each resource; the reads (all, the GPU's,
+    the CPU's) and the copies, each followed by the shortest op that must come after the last one; and
+    the copies of experts read from flash, which wait for the first such read."""
     pg, pc, rg, rc, cg, nrg, nrc, ncg = J.pg, J.pc, J.rg, J.rc, J.cg, J.nrg, J.nrc, J.ncg
+    inf = float("inf")
     f0, k0, g, c = J.free
-    f = k = 0.0
-    tf = tk = float("inf")
+    fg = fc = k = kr = 0.0
+    tg = tc = tk = tkr = rmin = inf
     for i in range(len(dev)):
         if dev[i]:
             g += pg[i]
             if nrg[i]:
-                f += rg[i]
-                tf = min(tf, cg[i] + pg[i])
+                fg += rg[i]
+                tg = min(tg, cg[i] + pg[i])
             if ncg[i]:
                 k += cg[i]
                 tk = min(tk, pg[i])
+                if nrg[i]:
+                    kr += cg[i]
+                    rmin = min(rmin, rg[i])
+                    tkr = min(tkr, pg[i])
         else:
             c += pc[i]
             if nrc[i]:
-                f += rc[i]
-                tf = min(tf, pc[i])
-    return max(g, c, f0 + f + tf if tf < float("inf") else 0.0, k0 + k + tk if tk < float("inf") else 0.0)
+                fc += rc[i]
+                tc = min(tc, pc[i])
+    return max(g, c, f0 + fg + fc + min(tg, tc) if tg < inf or tc < inf else 0.0, f0 + fg + tg if tg < inf else 0.0,
+               f0 + fc + tc if tc < inf else 0.0, k0 + k + tk if tk < inf else 0.0,
+               f0 + rmin + kr + tkr if tkr < inf else 0.0)
 
 
 def _polish(J: _Jobs, dev: list[int], reads: list[int], copies: list[int], enough: float) -> tuple:
@@ -744,19 +1024,41 @@ def _solve(J: _Jobs, search: bool = True) -> Plan:
     if not J.has_gpu:  # Johnson's rule: optimal for one flash queue feeding one CPU
         reads = _johnson([i for i in range(n) if J.nrc[i]], J.rc.__getitem__, J.pc.__getitem__)
         return _plan(J, [0] * n, reads, [], [], [i for i in range(n) if not J.nrc[i]] + reads)
-    evaluate = _evaluator(J)
-    dev = _greedy(J)
-    found = [(evaluate(dev), dev)]
-    lb = _lower_bound(J, found[0][0]) * (1 + TOLERANCE) if search else float("inf")
-    if found[0][0] > lb:
-        other = _ratio_split(J)
-        _keep(found, evaluate(other), other)
+    dev, classes, splits, inf = _greedy(J), [], 1 << n, float("inf")
+    if search and splits > EXACT_SPLITS:
+        classes, splits = _classes(J), 1
+        for members in classes:
+            splits *= len(members) + 1
+    exact = search and n > 0 and splits <= EXACT_SPLITS
+    if exact:  # weigh every split: one of least bound, which no plan beats (HybriMoE's if it meets `low`)
+        lb, low = _split_bound(J, dev), max(_lower_bound(J, 0.0), _balance_bound(J))  # cheap global bounds
+        if lb > low * (1 + _EPS):
+            lb, dev = _least_split(J, classes or _classes(J), lb, dev, low)
+        lb = lb if lb > low else low
+        ends, reads, copies, gpu, cpu = _rules(J, dev)
+        if max(ends[2], ends[3]) <= lb * (1 + _EPS):  # the rules' orders meet it: optimal
+            return _plan(J, dev, reads, copies, gpu, cpu, ends)
+        evaluate = _evaluator(J)  # else other orders, and other splits as below
+        found = [(evaluate(dev, bound=lb), dev)]
+        lb = inf if found[0][0] <= lb * (1 + _EPS) else lb * (1 + TOLERANCE)
         if found[0][0] > lb:
-            _split_search(J, evaluate, found, lb / (1 + TOLERANCE))
+            for other in (_greedy(J), _ratio_split(J)):
+                _keep(found, evaluate(other), other)
+            if found[0][0] > lb:
+                _split_search(J, evaluate, found, lb / (1 + TOLERANCE))
+    else:
+        evaluate = _evaluator(J)
+        found = [(evaluate(dev), dev)]
+        lb = _lower_bound(J, found[0][0]) * (1 + TOLERANCE) if search else inf
+        if found[0][0] > lb:
+            other = _ratio_split(J)
+            _keep(found, evaluate(other), other)
+            if found[0][0] > lb:
+                _split_search(J, evaluate, found, lb / (1 + TOLERANCE))
     best = None
     for rank, (t, dev) in enumerate(found):  # the best split, and the others if polishing may help them
-        ops = sum((J.nrg[i] > 0) + (J.ncg[i] > 0) if dev[i] else J.nrc[i] > 0 for i in range(n))  # reads, copies
-        polish = t > lb and 1 < ops <= POLISH_OPS and any(dev[i] and J.nrg[i] for i in range(n))
+        polish = t > lb and any(dev[i] and J.nrg[i] for i in range(n)) and 1 < sum(
+            (J.nrg[i] > 0) + (J.ncg[i] > 0) if dev[i] else J.nrc[i] > 0 for i in range(n)) <= POLISH_OPS
         if rank and not polish:
             continue
         _, reads, copies, gpu, cpu = evaluate(dev, True)
