@@ -7,7 +7,8 @@ and converted from the same weights into a moed store, whose experts moed runs a
 its own policy, at --extra-bits, e.g. auto: the most bits at which every expert fits the budget) with
 the fastest CPU kernel here (moed's native one where it builds), dense weights at 8 bits (--dense-bits 8,
 as the Q8_0 file holds them). For a comparison at the same bits, llama.cpp also runs a Q4_0 file of the
-same weights when --extra-bits has 4 (LLAMA_QTYPES). For each RAM budget share s (--shares) both engines
+same weights when --extra-bits has 4 (LLAMA_QTYPES), and moed's 4-bit runs hold their dense weights at 4
+bits too (dense_bits). For each RAM budget share s (--shares) both engines
 run under the same memory cap, cap = base + s * E, where E is the bytes of the routed experts in the Q8_0
 file and base an allowance for everything else (dense weights, KV cache, Python/torch runtime). base is
 measured once: moed runs uncapped with a budget of one token's experts of one layer, and base is its
@@ -88,7 +89,13 @@ POLICIES = ("lru", "lfu", "score", "moed")
 SIM_POLICY = {"llama.cpp": "llamacpp", **{p: f"engine:policy={p}" for p in POLICIES}}
 CALIBRATE = ("attn", "head", "expert")  # engine timings of the base run's decode that refine moed's cost model
 BITS = 8
-DENSE_BITS = 8
+DENSE_BITS = 8  # moed's dense weights, as the Q8_0 file's; in its runs at a bit-width LLAMA_QTYPES has, at that
+
+
+def dense_bits(bits: int | str) -> int:
+    """The bits moed's dense weights are held at in a run of its experts at `bits`: as llama.cpp's file at
+    those bits holds its own (4: Q4_0), else DENSE_BITS."""
+    return bits if bits in LLAMA_QTYPES else DENSE_BITS
 MARGIN_SHARE, MIN_MARGIN = 0.25, 300 << 20
 # llama.cpp's files at other bits than the Q8_0 one, for a comparison at the bits of moed's --extra-bits runs:
 # Q4_0 (4.5 bits a weight; moed's 4-bit native form holds ~4.4)
@@ -175,7 +182,7 @@ def work_moed(spec: RunSpec) -> dict:
     torch.set_num_threads(spec.threads)
     t = time.perf_counter()
     lm = load_model(spec.model, offload=OffloadOptions(bits=spec.bits, ram_budget=spec.ram_budget, policy=spec.policy),
-                    dense_bits=DENSE_BITS)
+                    dense_bits=dense_bits(spec.bits))
     load_s = time.perf_counter() - t
     p = lm.experts
     rec = record_trace(lm, spec.trace) if spec.trace else None
@@ -204,6 +211,7 @@ def work_moed(spec: RunSpec) -> dict:
            "hit_rate_all": ram.hit_rate, "bytes_read": d["bytes_read"], "disk_read_bytes": d["disk_read_bytes"],
            "ram_budget": ram.budget, "ram_peak": p.stats["ram"].peak, "experts_resident": ram.experts_resident,
            "experts_total": ram.experts_total, "expert_bytes": p.expert_bytes(p.bits), "bits": p.bits,
+           "dense_bits": dense_bits(spec.bits),
            "peak_rss_bytes": peak_rss(), "timings": timings}
     p.close()
     return out
@@ -685,7 +693,8 @@ def markdown(res: dict) -> str:
         f"experts at {BITS} bits ({mod['moed_kernel']} kernel), {mod['moed_bytes_per_expert'] / MiB:.2f} MiB each "
         f"in RAM (the kernel's compute form); dense weights at {mod['moed_dense_bits']} bits."
         + "".join(f" llama.cpp at the same bits as moed's other runs: {q}, {g['bytes'] / MiB:.0f} MiB (all its "
-                  "tensors at that type where the shapes allow, as the Q8_0 file's)."
+                  "tensors at that type where the shapes allow, as the Q8_0 file's); moed's runs at those bits hold "
+                  "their dense weights at those bits too (the embedding at 8)."
                   for q, g in mod.get("llama_more_ggufs", {}).items()),
         "Builds: moed's native kernels are compiled for this CPU (-march=native: AVX512-VNNI where it has it); "
         "llama.cpp as tools/setup.sh builds it (GGML_NATIVE=OFF with AVX2, FMA and F16C: no AVX512). A llama.cpp "

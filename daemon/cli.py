@@ -36,8 +36,9 @@ def add_offload_args(p: argparse.ArgumentParser) -> None:
                    "(80%%free, within any cgroup limit); the rest is read from flash when used")
     p.add_argument("--vram-budget", metavar="SIZE", help="GPU memory for experts, same forms (needs a GPU)")
     p.add_argument("--policy", choices=tuple(CACHE_POLICIES), help="expert cache policy (default moed)")
-    p.add_argument("--dense-bits", type=int, choices=(8,), help="hold the dense weights (attention, shared and "
-                   "dense MLPs, lm_head, embedding) at 8 bits, as a Q8_0 GGUF does (default: as stored)")
+    p.add_argument("--dense-bits", type=int, choices=(8, 4), help="hold the dense weights (attention, shared and "
+                   "dense MLPs, lm_head) at 8 bits, as a Q8_0 GGUF does, or at 4, as a Q4_0 one (the embedding at 8; "
+                   "default: as stored)")
 
 
 def offload_options(a: argparse.Namespace):

@@ -49,7 +49,7 @@ class Config:
     ram_budget: str | None = None  # experts' RAM: bytes (512MiB, 2G), % of their 8-bit bytes, or N%free
     vram_budget: str | None = None  # experts' VRAM (GPU), same forms; None: no GPU expert tier
     policy: str = "moed"  # expert cache policy: lru, lfu, score (HybriMoE) or moed
-    dense_bits: int | None = None  # 8: attention, shared/dense MLPs, lm_head and embedding at 8 bits; None: as stored
+    dense_bits: int | None = None  # 8 or 4: attention, shared/dense MLPs, lm_head at that many bits; None: as stored
 
     def offload(self) -> OffloadOptions | None:
         """Tiered-expert options when any of bits / ram_budget / vram_budget is set, else None."""
@@ -79,8 +79,8 @@ class Config:
             split_host_port(self.tcp)
         if self.bits is not None and self.bits != "auto" and not (self.bits.isdigit() and 1 <= int(self.bits) <= 8):
             raise MoedError(f"bits must be 1-8 or auto (got {self.bits!r})")
-        if self.dense_bits not in (None, 8):
-            raise MoedError(f"dense_bits must be 8 (got {self.dense_bits})")
+        if self.dense_bits not in (None, 4, 8):
+            raise MoedError(f"dense_bits must be 4 or 8 (got {self.dense_bits})")
         opts = self.offload()
         try:
             if opts is not None:

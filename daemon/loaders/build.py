@@ -20,7 +20,7 @@ from daemon.loaders.checkpoint import Checkpoint
 from daemon.models import architecture
 from daemon.models.args import ModelArgs
 from daemon.models.moe import ExpertProvider, ExpertWeights, InMemoryExperts
-from daemon.models.qdense import RowsEmbedding, quantize_dense
+from daemon.models.qdense import DENSE_BITS, RowsEmbedding, quantize_dense
 from daemon.models.transformer import CausalLM
 from daemon.tokenizer import Tokenizer
 from offload.manifest import MANIFEST
@@ -106,11 +106,11 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, bits
     `bits` (1..8) and `kernel` (a quant backend name) apply to moed stores: every routed expert is
     read at that many bits and computed by that backend. `offload` holds the experts within memory
     budgets (a Hugging Face folder or GGUF file is converted to a store first, once, see stored_copy).
-    `dense_bits` 8 holds the dense weights (attention, shared and dense MLPs, lm_head, embedding) at
-    8 bits (daemon.models.qdense); None keeps them in `dtype`.
+    `dense_bits` 8 (or 4) holds the dense weights (attention, shared and dense MLPs, lm_head; the embedding at
+    8) at that many bits (daemon.models.qdense); None keeps them in `dtype`.
     """
-    if dense_bits not in (None, 8):
-        raise MoedError(f"dense bits must be 8 (got {dense_bits})")
+    if dense_bits not in (None, *DENSE_BITS):
+        raise MoedError(f"dense bits must be 4 or 8 (got {dense_bits})")
     if dense_bits or offload is not None:  # the lean modes: a freed block's memory goes back to the system
         return_freed_memory()
     if offload is not None:
@@ -146,7 +146,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, bits
     if dense_bits:  # each weight is read, quantised and dropped in turn: the float weights are never all held
         backends.append(get_backend(fast_cpu_backend()))
         quantize_dense(model, backends[0].name, dtype, fetch,
-                       rows=functools.partial(rows, verify_now=False) if hasattr(ckpt, "rows") else None)
+                       rows=functools.partial(rows, verify_now=False) if hasattr(ckpt, "rows") else None,
+                       bits=dense_bits)
     tied = args.tie_word_embeddings
     names = list(model.state_dict())  # what is left to load: the quantised layers hold their own weights
     state = {name: fetch(name).to(dtype) for name in names if not (tied and name == "lm_head.weight")}

@@ -1,8 +1,9 @@
-"""Dense weights at 8 bits: a model's linear layers and token embedding quantised per group at load.
+"""Dense weights at 8 (or 4) bits: a model's linear layers and token embedding quantised per group at load.
 
 The routed experts have their own store and kernels; this is the rest of the model (attention
 projections, shared experts, dense MLP layers, lm_head, embedding), which a llama.cpp Q8_0 file
-also holds at 8 bits. Each matrix is min-max quantised per group of the largest of 128, 64, 32
+also holds at 8 bits (a Q4_0 file at 4: `bits` 4 makes the linear layers 4-bit; the embedding, whose rows
+are only looked up, stays at 8). Each matrix is min-max quantised per group of the largest of 128, 64, 32
 dividing its rows (quant.groups.quantize); a matrix with no such group stays as it is, and so do the
 routers and gates of fewer than MIN_OUTPUTS outputs (a routing decision is worth more than the bytes).
 Linear layers run on a quant kernel backend (onnxruntime's MatMulNBits where available); an attention
@@ -20,9 +21,10 @@ from torch import nn
 
 from quant.groups import GROUP_SIZES, GroupCodes, quantize
 from quant.kernels import Backend, fast_cpu_backend, get_backend
-from quant.views import msb_view
+from quant.views import AffineTerm, QuantView
 
 MIN_OUTPUTS = 16  # a linear layer with fewer outputs is a gate (e.g. Qwen2-MoE's shared-expert gate): kept
+DENSE_BITS = (4, 8)  # the bit-widths dense weights can be held at
 
 
 class QuantLinear(nn.Module):
@@ -91,13 +93,13 @@ def group_for(k: int) -> int | None:
     return next((g for g in sorted(GROUP_SIZES, reverse=True) if k % g == 0), None)
 
 
-def quantize_rows(w: torch.Tensor, group: int, codes: int = 1 << 20) -> GroupCodes:
-    """quantize(w, 8, group) a block of rows (about `codes` weights) at a time: one block in float32 at once
+def quantize_rows(w: torch.Tensor, group: int, codes: int = 1 << 20, bits: int = 8) -> GroupCodes:
+    """quantize(w, bits, group) a block of rows (about `codes` weights) at a time: one block in float32 at once
     (and quantize's temporaries of it), not the whole matrix."""
     rows = max(1, codes // max(1, w.shape[1]))
-    parts = [quantize(w[i:i + rows], 8, group) for i in range(0, w.shape[0], rows)]
+    parts = [quantize(w[i:i + rows], bits, group) for i in range(0, w.shape[0], rows)]
     return GroupCodes(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
-                      torch.cat([p.minimum for p in parts]), 8, group)
+                      torch.cat([p.minimum for p in parts]), bits, group)
 
 
 # a matrix read in row blocks (see quantize_dense's rows) is made in blocks of about this many codes
@@ -133,17 +135,19 @@ def replaceable(model: nn.Module) -> Iterator[tuple[str, nn.Module, str, nn.Modu
 
 def quantize_dense(model: nn.Module, kernel: str | None = None, dtype: torch.dtype = torch.float32,
                    fetch: Callable[[str], torch.Tensor] | None = None, fuse: bool = True,
-                   rows: Callable[[str], Any] | None = None) -> dict[str, int]:
-    """Replace the model's linear layers (routers and small gates excepted) and token embedding with
-    8-bit ones, in place; biases become `dtype`. `fetch(name)` gives a parameter by its state-dict name
-    (default: the module's own), so a loader can read each weight just before it is quantised. `fuse`
-    makes each attention layer's q, k and v one matrix (`qkv`). `rows(name)`, where given, reads a weight of
-    BLOCK_CODES or more a block of rows at a time (`.shape`, `.block(a, b)`, as offload.store.TensorRows), and
-    each block is quantised and made into the backend's form in turn: a large matrix (lm_head) is then never
-    held whole in float or as codes while it loads.
+                   rows: Callable[[str], Any] | None = None, bits: int = 8) -> dict[str, int]:
+    """Replace the model's linear layers (routers and small gates excepted) with `bits`-bit ones (8 or 4) and
+    the token embedding with an 8-bit one, in place; biases become `dtype`. `fetch(name)` gives a parameter
+    by its state-dict name (default: the module's own), so a loader can read each weight just before it is
+    quantised. `fuse` makes each attention layer's q, k and v one matrix (`qkv`). `rows(name)`, where given,
+    reads a weight of BLOCK_CODES or more a block of rows at a time (`.shape`, `.block(a, b)`, as
+    offload.store.TensorRows), and each block is quantised and made into the backend's form in turn: a large
+    matrix (lm_head) is then never held whole in float or as codes while it loads.
 
     Returns {"quantized": layers replaced, "bytes": bytes the replacements hold}.
     """
+    if bits not in DENSE_BITS:
+        raise ValueError(f"dense weights are held at {' or '.join(map(str, DENSE_BITS))} bits (got {bits})")
     backend = get_backend(kernel or fast_cpu_backend())
     out = {"quantized": 0, "bytes": 0}
 
@@ -151,8 +155,8 @@ def quantize_dense(model: nn.Module, kernel: str | None = None, dtype: torch.dty
         return (fetch(f"{qname}.{what}") if fetch else getattr(child, what)).detach()
 
     def view(w: torch.Tensor, group: int):
-        q = quantize_rows(w, group)
-        return msb_view(q.codes, q.scale, q.minimum, 8, group)
+        q = quantize_rows(w, group, bits=bits)
+        return QuantView((AffineTerm(q.codes, bits, q.scale.float(), q.minimum.float()),), bits, group)
 
     def linear(form, shape: tuple[int, int], bias: torch.Tensor | None) -> QuantLinear:
         bias = None if bias is None else bias.to(dtype)
