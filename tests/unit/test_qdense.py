@@ -83,34 +83,31 @@ def test_a_model_keeps_its_routers_and_norms_in_float(tiny_model):
         assert torch.equal(r.weight, q.weight)
 
 
-def test_trained_model_predicts_the_same_with_dense_8_bits():
-    """On trained weights the 8-bit dense model's top-1 agrees with float32 on held-out text."""
+@pytest.fixture(scope="module")
+def trained():
+    """The default (trained) model at float32, at 8-bit and at 4-bit dense weights, and held-out token ids."""
     from daemon.cli import default_model_path
-    ref, lm = load_model(default_model_path()), load_model(default_model_path(), dense_bits=8)
-    ids = torch.tensor([ref.tokenizer.encode(HELDOUT.read_text(encoding="utf-8"))[:320]])
+    models = {b: load_model(default_model_path(), dense_bits=b) for b in (None, 8, 4)}
+    return models, torch.tensor([models[None].tokenizer.encode(HELDOUT.read_text(encoding="utf-8"))[:320]])
+
+
+# measured: 0.99 top-1 agreement and 0.008 relative error of the logits at 8 bits, 0.93 and 0.049 at 4
+@pytest.mark.parametrize("bits, agree_at_least, error_below", [(8, 0.98, 0.02), (4, 0.9, 0.07)])
+def test_trained_model_predicts_the_same_with_dense_bits(trained, bits, agree_at_least, error_below):
+    """On trained weights the dense model's top-1 agrees with float32's on held-out text."""
+    models, ids = trained
+    ref, lm = models[None], models[bits]
     with torch.inference_mode():
         want = ref.model(ids, ref.model.new_cache(320))[0]
         got = lm.model(ids, lm.model.new_cache(320))[0]
     agree = float((want.argmax(-1) == got.argmax(-1)).float().mean())
     rel = float((got - want).norm() / want.norm())
-    assert agree >= 0.98 and rel < 0.02, (agree, rel)
+    assert agree >= agree_at_least and rel < error_below, (agree, rel)
 
 
-def test_trained_model_predicts_nearly_the_same_with_dense_4_bits():
-    """At 4 bits the dense layers (attention, lm_head) hold about half their 8-bit bytes, and the trained model's
-    top-1 mostly agrees with float32's (measured: 0.93 agreement and 0.049 relative error of the logits, against
-    0.99 and 0.008 at 8 bits)."""
-    from daemon.cli import default_model_path
-    ref, lm8, lm4 = (load_model(default_model_path(), dense_bits=b) for b in (None, 8, 4))
-    heads = [lm.model.lm_head for lm in (lm8, lm4)]
+def test_dense_4_bits_hold_about_half_the_8_bit_bytes(trained):
+    heads = [trained[0][b].model.lm_head for b in (8, 4)]
     assert all(isinstance(h, QuantLinear) for h in heads) and 0.45 < heads[1].nbytes / heads[0].nbytes < 0.6
-    ids = torch.tensor([ref.tokenizer.encode(HELDOUT.read_text(encoding="utf-8"))[:320]])
-    with torch.inference_mode():
-        want = ref.model(ids, ref.model.new_cache(320))[0]
-        got = lm4.model(ids, lm4.model.new_cache(320))[0]
-    agree = float((want.argmax(-1) == got.argmax(-1)).float().mean())
-    rel = float((got - want).norm() / want.norm())
-    assert agree >= 0.9 and rel < 0.07, (agree, rel)
 
 
 def test_dense_bits_setting_is_checked():
