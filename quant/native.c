@@ -206,8 +206,9 @@ static float half_float(uint16_t h) {
 }
 #endif
 
-/* x [t, K] -> xu [t, K] = quantised x + 128 (uint8), dx and xs [t, K/G] */
-static void quantise_x(const float *x, int t, int64_t k, int G, uint8_t *xu, float *dx, float *xs) {
+/* x [t, K] -> xu [t, K] = quantised x + 128 (uint8), dx and xs [t, K/G], and su [t, K/G]: each group's sum of
+ * xu (packed codes are multiplied uncentred, their centre taken off per group: mid * su) */
+static void quantise_x(const float *x, int t, int64_t k, int G, uint8_t *xu, float *dx, float *xs, int32_t *su) {
     const int64_t ng = k / G;
     for (int64_t i = 0; i < t * ng; i++) {
         const float *v = x + i * G;
@@ -217,67 +218,87 @@ static void quantise_x(const float *x, int t, int64_t k, int G, uint8_t *xu, flo
             sum += v[j];
         }
         const float inv = amax > 0.f ? 127.f / amax : 0.f;
-        for (int j = 0; j < G; j++) xu[i * G + j] = (uint8_t)(lrintf(v[j] * inv) + 128);
+        int32_t usum = 0;
+        for (int j = 0; j < G; j++) {
+            xu[i * G + j] = (uint8_t)(lrintf(v[j] * inv) + 128);
+            usum += xu[i * G + j];
+        }
         dx[i] = amax / 127.f;
         xs[i] = sum;
+        su[i] = usum;
     }
 }
 
 /* Tokens i..i+nt-1 (nt <= 8) of row block b: out[nt][16]. Each 64-byte load of codes feeds nt tokens' dot
- * products (two runs of them when packed: nibbles, centred by mid here). nt and packed are constants where
- * this is inlined. */
+ * products (two runs of them when packed: nibbles, multiplied uncentred and centred per group by mid * su).
+ * nt and packed are constants where this is inlined. */
 static inline __attribute__((always_inline)) void qdot_block(const uint8_t *xu, const float *dx, const float *xs,
+                                                             const int32_t *su,
                                                              const int8_t *wb, const uint16_t *s, const uint16_t *z,
                                                              const int16_t *e, int64_t b, int64_t k, int G, int i,
                                                              const int nt, const int packed, int mid,
                                                              float out[][16]) {
     const int64_t ng = k / G;
 #if MOED_VNNI
-    const __m512i low = _mm512_set1_epi8(15), mids = _mm512_set1_epi8((char)mid);
+    const __m512i low = _mm512_set1_epi8(15);
     __m512 acc_f[8];
     for (int u = 0; u < nt; u++) acc_f[u] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; g++) {
-        __m512i acc[8];
-        for (int u = 0; u < nt; u++) acc[u] = _mm512_setzero_si512();
+        /* a lone token (decode) has two accumulators, even and odd runs: two dependency chains of dot products,
+         * not one that waits out each vpdpbusd's latency (15-20% faster at 4 bits); with more tokens their
+         * chains are independent already, and twice the registers would spill */
+        __m512i acc[8], acc2[8];
+        for (int u = 0; u < nt; u++) acc[u] = acc2[u] = _mm512_setzero_si512();
         const uint8_t *xg = xu + (int64_t)i * k + g * G;
         if (packed) {
             const int8_t *wg = wb + g * G * 8;
             for (int j = 0; j < G / 4; j += 2) {
                 const __m512i p = _mm512_loadu_si512(wg + 32 * j);
-                const __m512i w0 = _mm512_sub_epi8(_mm512_and_si512(p, low), mids);
-                const __m512i w1 = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(p, 4), low), mids);
+                const __m512i w0 = _mm512_and_si512(p, low);
+                const __m512i w1 = _mm512_and_si512(_mm512_srli_epi16(p, 4), low);
                 for (int u = 0; u < nt; u++) {
                     int32_t x0, x1;
                     memcpy(&x0, xg + (int64_t)u * k + 4 * j, 4);
                     memcpy(&x1, xg + (int64_t)u * k + 4 * j + 4, 4);
                     acc[u] = _mm512_dpbusd_epi32(acc[u], _mm512_set1_epi32(x0), w0);
-                    acc[u] = _mm512_dpbusd_epi32(acc[u], _mm512_set1_epi32(x1), w1);
+                    if (nt == 1)
+                        acc2[u] = _mm512_dpbusd_epi32(acc2[u], _mm512_set1_epi32(x1), w1);
+                    else
+                        acc[u] = _mm512_dpbusd_epi32(acc[u], _mm512_set1_epi32(x1), w1);
                 }
             }
         } else {
             const int8_t *wg = wb + g * G * 16;
-            for (int j = 0; j < G / 4; j++) {
-                const __m512i w = _mm512_loadu_si512(wg + 64 * j);
+            for (int j = 0; j < G / 4; j += 2) { /* G is a multiple of 8 */
+                const __m512i w0 = _mm512_loadu_si512(wg + 64 * j), w1 = _mm512_loadu_si512(wg + 64 * j + 64);
                 for (int u = 0; u < nt; u++) {
-                    int32_t xv;
-                    memcpy(&xv, xg + (int64_t)u * k + 4 * j, 4);
-                    acc[u] = _mm512_dpbusd_epi32(acc[u], _mm512_set1_epi32(xv), w);
+                    int32_t x0, x1;
+                    memcpy(&x0, xg + (int64_t)u * k + 4 * j, 4);
+                    memcpy(&x1, xg + (int64_t)u * k + 4 * j + 4, 4);
+                    acc[u] = _mm512_dpbusd_epi32(acc[u], _mm512_set1_epi32(x0), w0);
+                    if (nt == 1)
+                        acc2[u] = _mm512_dpbusd_epi32(acc2[u], _mm512_set1_epi32(x1), w1);
+                    else
+                        acc[u] = _mm512_dpbusd_epi32(acc[u], _mm512_set1_epi32(x1), w1);
                 }
             }
         }
+        if (nt == 1) acc[0] = _mm512_add_epi32(acc[0], acc2[0]);
         const int64_t at = (b * ng + g) * 16;
         const __m512 sv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + at)));
         const __m512 zv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(z + at)));
         const __m512i ev = _mm512_slli_epi32(_mm512_cvtepi16_epi32(_mm256_loadu_si256((const __m256i *)(e + at))), 7);
         for (int u = 0; u < nt; u++) {
             const int64_t q = (int64_t)(i + u) * ng + g;
-            const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[u], ev));
+            const __m512i off = packed ? _mm512_add_epi32(ev, _mm512_set1_epi32(mid * su[q])) : ev;
+            const __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[u], off));
             acc_f[u] = _mm512_fmadd_ps(dot, _mm512_mul_ps(sv, _mm512_set1_ps(dx[q])), acc_f[u]);
             acc_f[u] = _mm512_fmadd_ps(zv, _mm512_set1_ps(xs[q]), acc_f[u]);
         }
     }
     for (int u = 0; u < nt; u++) _mm512_storeu_ps(out[u], acc_f[u]);
 #else
+    (void)su; /* codes are centred one by one here */
     for (int u = 0; u < nt; u++)
         for (int r = 0; r < 16; r++) out[u][r] = 0.f;
     for (int64_t g = 0; g < ng; g++) {
@@ -310,12 +331,12 @@ static inline __attribute__((always_inline)) void qdot_block(const uint8_t *xu, 
 #endif
 }
 
-#define QDOT(NT, P) qdot_block(xu, dx, xs, wb, s, z, e, b, k, G, i, NT, P, mid, out)
+#define QDOT(NT, P) qdot_block(xu, dx, xs, su, wb, s, z, e, b, k, G, i, NT, P, mid, out)
 
 /* Row blocks b0..b1-1 of y[t, n] (row stride ldy) = or += quantised x . w^T, eight tokens at a time */
-static void qgemm_blocks(const uint8_t *xu, const float *dx, const float *xs, int t, const int8_t *w,
-                         const uint16_t *s, const uint16_t *z, const int16_t *e, int64_t n, int64_t k, int G, int bits,
-                         int64_t b0, int64_t b1, float *y, int64_t ldy, int accumulate) {
+static void qgemm_blocks(const uint8_t *xu, const float *dx, const float *xs, const int32_t *su, int t,
+                         const int8_t *w, const uint16_t *s, const uint16_t *z, const int16_t *e, int64_t n, int64_t k,
+                         int G, int bits, int64_t b0, int64_t b1, float *y, int64_t ldy, int accumulate) {
     const int packed = bits <= 4, mid = 1 << (bits - 1);
     for (int64_t b = b0; b < b1; b++) {
         const int8_t *wb = w + b * (packed ? 8 : 16) * k;
@@ -374,6 +395,7 @@ int moed_interleave_planes(const uint8_t *const *planes, int r, int64_t n, int64
 typedef struct {
     const uint8_t *xu;
     const float *dx, *xs;
+    const int32_t *su;
     int t;
     const int8_t *w;
     const uint16_t *s, *z;
@@ -389,7 +411,7 @@ typedef struct {
 static void qgemm_part(void *arg, int part, int parts) {
     const qgemm_job *j = arg;
     const int64_t nb = j->b1 - j->b0;
-    qgemm_blocks(j->xu, j->dx, j->xs, j->t, j->w, j->s, j->z, j->e, j->n, j->k, j->G, j->bits,
+    qgemm_blocks(j->xu, j->dx, j->xs, j->su, j->t, j->w, j->s, j->z, j->e, j->n, j->k, j->G, j->bits,
                  j->b0 + nb * part / parts, j->b0 + nb * (part + 1) / parts, j->y, j->ldy, j->accumulate);
 }
 
@@ -401,9 +423,10 @@ void moed_qgemm_mt(const float *x, int t, const int8_t *w, const uint16_t *s, co
                    int accumulate, int threads) {
     const int64_t ng = k / G;
     uint8_t *xu = malloc((size_t)(t * k));
-    float *dx = malloc(sizeof(float) * (size_t)(2 * t * ng));
-    quantise_x(x, t, k, G, xu, dx, dx + t * ng);
-    qgemm_job j = {xu, dx, dx + t * ng, t, w, s, z, e, n, k, G, bits, b0, b1, y, ldy, accumulate};
+    float *dx = malloc(sizeof(float) * (size_t)(3 * t * ng)); /* dx, xs and su */
+    int32_t *su = (int32_t *)(dx + 2 * t * ng);
+    quantise_x(x, t, k, G, xu, dx, dx + t * ng, su);
+    qgemm_job j = {xu, dx, dx + t * ng, su, t, w, s, z, e, n, k, G, bits, b0, b1, y, ldy, accumulate};
     run_parts(qgemm_part, &j, (int)(threads < b1 - b0 ? threads : b1 - b0));
     free(xu);
     free(dx);
