@@ -229,6 +229,24 @@ static void quantise_x(const float *x, int t, int64_t k, int G, uint8_t *xu, flo
     }
 }
 
+#if MOED_VNNI
+/* Runs j and j + 1 of codes (w0, w1: 4 codes of each of 16 rows) times activations j and j + 1 of nt tokens (xg,
+ * row stride k), into acc (a lone token's run j + 1 into acc2: see qdot_block). */
+static inline __attribute__((always_inline)) void dot_runs(__m512i *acc, __m512i *acc2, const uint8_t *xg, int64_t k,
+                                                           int j, __m512i w0, __m512i w1, const int nt) {
+    for (int u = 0; u < nt; u++) {
+        int32_t x0, x1;
+        memcpy(&x0, xg + (int64_t)u * k + 4 * j, 4);
+        memcpy(&x1, xg + (int64_t)u * k + 4 * j + 4, 4);
+        acc[u] = _mm512_dpbusd_epi32(acc[u], _mm512_set1_epi32(x0), w0);
+        if (nt == 1)
+            acc2[u] = _mm512_dpbusd_epi32(acc2[u], _mm512_set1_epi32(x1), w1);
+        else
+            acc[u] = _mm512_dpbusd_epi32(acc[u], _mm512_set1_epi32(x1), w1);
+    }
+}
+#endif
+
 /* Tokens i..i+nt-1 (nt <= 8) of row block b: out[nt][16]. Each 64-byte load of codes feeds nt tokens' dot
  * products (two runs of them when packed: nibbles, multiplied uncentred and centred per group by mid * su).
  * nt and packed are constants where this is inlined. */
@@ -256,31 +274,13 @@ static inline __attribute__((always_inline)) void qdot_block(const uint8_t *xu, 
                 const __m512i p = _mm512_loadu_si512(wg + 32 * j);
                 const __m512i w0 = _mm512_and_si512(p, low);
                 const __m512i w1 = _mm512_and_si512(_mm512_srli_epi16(p, 4), low);
-                for (int u = 0; u < nt; u++) {
-                    int32_t x0, x1;
-                    memcpy(&x0, xg + (int64_t)u * k + 4 * j, 4);
-                    memcpy(&x1, xg + (int64_t)u * k + 4 * j + 4, 4);
-                    acc[u] = _mm512_dpbusd_epi32(acc[u], _mm512_set1_epi32(x0), w0);
-                    if (nt == 1)
-                        acc2[u] = _mm512_dpbusd_epi32(acc2[u], _mm512_set1_epi32(x1), w1);
-                    else
-                        acc[u] = _mm512_dpbusd_epi32(acc[u], _mm512_set1_epi32(x1), w1);
-                }
+                dot_runs(acc, acc2, xg, k, j, w0, w1, nt);
             }
         } else {
             const int8_t *wg = wb + g * G * 16;
             for (int j = 0; j < G / 4; j += 2) { /* G is a multiple of 8 */
                 const __m512i w0 = _mm512_loadu_si512(wg + 64 * j), w1 = _mm512_loadu_si512(wg + 64 * j + 64);
-                for (int u = 0; u < nt; u++) {
-                    int32_t x0, x1;
-                    memcpy(&x0, xg + (int64_t)u * k + 4 * j, 4);
-                    memcpy(&x1, xg + (int64_t)u * k + 4 * j + 4, 4);
-                    acc[u] = _mm512_dpbusd_epi32(acc[u], _mm512_set1_epi32(x0), w0);
-                    if (nt == 1)
-                        acc2[u] = _mm512_dpbusd_epi32(acc2[u], _mm512_set1_epi32(x1), w1);
-                    else
-                        acc[u] = _mm512_dpbusd_epi32(acc[u], _mm512_set1_epi32(x1), w1);
-                }
+                dot_runs(acc, acc2, xg, k, j, w0, w1, nt);
             }
         }
         if (nt == 1) acc[0] = _mm512_add_epi32(acc[0], acc2[0]);
