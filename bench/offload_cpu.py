@@ -90,18 +90,18 @@ SIM_POLICY = {"llama.cpp": "llamacpp", **{p: f"engine:policy={p}" for p in POLIC
 CALIBRATE = ("attn", "head", "expert")  # engine timings of the base run's decode that refine moed's cost model
 BITS = 8
 DENSE_BITS = 8  # moed's dense weights, as the Q8_0 file's; in its runs at a bit-width LLAMA_QTYPES has, at that
-
-
-def dense_bits(bits: int | str) -> int:
-    """The bits moed's dense weights are held at in a run of its experts at `bits`: as llama.cpp's file at
-    those bits holds its own (4: Q4_0), else DENSE_BITS."""
-    return bits if bits in LLAMA_QTYPES else DENSE_BITS
 MARGIN_SHARE, MIN_MARGIN = 0.25, 300 << 20
 # llama.cpp's files at other bits than the Q8_0 one, for a comparison at the bits of moed's --extra-bits runs:
 # Q4_0 (4.5 bits a weight; moed's 4-bit native form holds ~4.4)
 LLAMA_QTYPES = {4: "Q4_0"}
 CGROUP_V1 = Path("/sys/fs/cgroup/memory")
 MiB = 1 << 20
+
+
+def dense_bits(bits: int | str) -> int:
+    """The bits moed's dense weights are held at in a run of its experts at `bits`: as llama.cpp's file at
+    those bits holds its own (4: Q4_0), else DENSE_BITS."""
+    return bits if bits in LLAMA_QTYPES else DENSE_BITS
 
 
 # -- workers (run in their own process) --
@@ -180,9 +180,10 @@ def work_moed(spec: RunSpec) -> dict:
     from profiler.trace import record_trace
 
     torch.set_num_threads(spec.threads)
+    dense = dense_bits(spec.bits)
     t = time.perf_counter()
     lm = load_model(spec.model, offload=OffloadOptions(bits=spec.bits, ram_budget=spec.ram_budget, policy=spec.policy),
-                    dense_bits=dense_bits(spec.bits))
+                    dense_bits=dense)
     load_s = time.perf_counter() - t
     p = lm.experts
     rec = record_trace(lm, spec.trace) if spec.trace else None
@@ -211,7 +212,7 @@ def work_moed(spec: RunSpec) -> dict:
            "hit_rate_all": ram.hit_rate, "bytes_read": d["bytes_read"], "disk_read_bytes": d["disk_read_bytes"],
            "ram_budget": ram.budget, "ram_peak": p.stats["ram"].peak, "experts_resident": ram.experts_resident,
            "experts_total": ram.experts_total, "expert_bytes": p.expert_bytes(p.bits), "bits": p.bits,
-           "dense_bits": dense_bits(spec.bits),
+           "dense_bits": dense,
            "peak_rss_bytes": peak_rss(), "timings": timings}
     p.close()
     return out

@@ -65,8 +65,8 @@ void moed_unpack_planes(const uint8_t *const *planes, int r, int64_t n, uint8_t 
  * the u8 x s8 dot product, whose excess 128 * sum is taken off in int32 (exact); centring keeps the
  * activations' rounding off the codes' middle, as onnxruntime's MatMulNBits with its zero point at the middle
  * (accuracy level 4) does. Offsets use the exact group sums of x. Codes of 4 bits or fewer are held two to a
- * byte, uncentred: the low nibbles of a 64-byte run are run 2j, the high nibbles run 2j + 1, centred as they
- * are loaded.
+ * byte, uncentred: the low nibbles of a 64-byte run are run 2j, the high nibbles run 2j + 1, multiplied as
+ * they are and centred per group (qdot_block).
  */
 #if defined(__AVX512F__) && defined(__AVX512VNNI__)
 #define MOED_VNNI 1
@@ -263,7 +263,7 @@ static inline __attribute__((always_inline)) void qdot_block(const uint8_t *xu, 
     for (int u = 0; u < nt; u++) acc_f[u] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; g++) {
         /* a lone token (decode) has two accumulators, even and odd runs: two dependency chains of dot products,
-         * not one that waits out each vpdpbusd's latency (15-20% faster at 4 bits); with more tokens their
+         * not one that waits out each vpdpbusd's latency (13-16% faster at 4 bits); with more tokens their
          * chains are independent already, and twice the registers would spill */
         __m512i acc[8], acc2[8];
         for (int u = 0; u < nt; u++) acc[u] = acc2[u] = _mm512_setzero_si512();

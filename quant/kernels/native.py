@@ -180,32 +180,29 @@ class Native(PooledBackend, name="native"):
         joined first (the base class's way)."""
         it = iter(blocks)
         first = next(it)
-        k, g = first.shape[1], first.group
+        k, g, bits = first.shape[1], first.group, [t.bits for t in first.terms]
         if first.shape[0] == n or first.shape[0] % ROWS:
             return super().prepare_rows(itertools.chain((first,), it), n)
-        whole = [(np.empty(_packed_count(n, k, t.bits), np.int8),) + tuple(
-            np.empty(-(-n // ROWS) * (k // g) * ROWS, dtype) for dtype in (np.int16, np.float16, np.float16))
-            for t in first.terms]  # per term: codes, sums, scale, offset, in the order _prepare asks for them
+        arrays = [np.empty(count, dtype) for count, dtype in _form_arrays(n, k, g, bits)]
+        filled = [0] * len(arrays)  # each array's elements made so far: where the next block's part begins
         a = 0
         for view in itertools.chain((first,), it):
-            if a % ROWS or view.shape[1] != k or view.group != g or [t.bits for t in view.terms] != [
-                    t.bits for t in first.terms]:
+            if a % ROWS or view.shape[1] != k or view.group != g or [t.bits for t in view.terms] != bits:
                 raise ValueError(f"blocks of rows at {a} do not continue the matrix's form")
-            arrays = iter(x for term in whole for x in term)
-            starts = (a * k // (2 if t.bits <= 4 else 1) if j == 0 else a * k // g
-                      for t in first.terms for j in range(4))
+            asked = itertools.count()
 
-            def carve(count: int, dtype, arrays=arrays, starts=starts) -> np.ndarray:
-                at = next(starts)
-                return next(arrays)[at:at + count]
+            def carve(count: int, dtype, asked=asked) -> np.ndarray:  # _prepare's arrays, in _form_arrays' order
+                i = next(asked)
+                filled[i] += count
+                return arrays[i][filled[i] - count:filled[i]]
 
             self._prepare(view, carve)
             a += view.shape[0]
         if a != n:
             raise ValueError(f"blocks of {a} rows for a matrix of {n}")
-        terms = tuple(NativeTerm(c, s.reshape(-1, k // g, ROWS), o.reshape(-1, k // g, ROWS),
-                                 u.reshape(-1, k // g, ROWS), t.bits) for (c, u, s, o), t in zip(whole, first.terms))
-        return NativeMatrix(terms, n, k, g)
+        shape = (-1, k // g, ROWS)
+        return NativeMatrix(tuple(NativeTerm(c, s.reshape(shape), o.reshape(shape), u.reshape(shape), b)
+                                  for (c, u, s, o), b in zip(zip(*[iter(arrays)] * 4), bits)), n, k, g)
 
     def linear(self, x: torch.Tensor, form: NativeMatrix) -> torch.Tensor:
         xs = _as_array(x)
@@ -274,10 +271,19 @@ def _packed_count(n: int, k: int, bits: int) -> int:
     return -(-n // ROWS) * ROWS * k // (2 if bits <= 4 else 1)
 
 
+def _form_arrays(n: int, k: int, group: int, bits: list[int]) -> list[tuple[int, type]]:
+    """(elements, dtype) of each array of a matrix's form, in the order _prepare makes them: per term (of these
+    bits), its codes, the codes' sums per group, and scale and offset ([blocks, K/G, 16] each)."""
+    per_group = -(-n // ROWS) * (k // group) * ROWS
+    return [a for b in bits for a in ((_packed_count(n, k, b), np.int8), (per_group, np.int16),
+                                      (per_group, np.float16), (per_group, np.float16))]
+
+
 def _form_bytes(view: QuantView) -> int:
-    """Bytes of a matrix's form: per term, its codes and three [blocks, K/G, 16] 16-bit parameter arrays."""
+    """Bytes of a matrix's form (_form_arrays)."""
     n, k = view.shape
-    return sum(_packed_count(n, k, t.bits) + 3 * 2 * -(-n // ROWS) * (k // view.group) * ROWS for t in view.terms)
+    return sum(count * np.dtype(dtype).itemsize
+               for count, dtype in _form_arrays(n, k, view.group, [t.bits for t in view.terms]))
 
 
 def _as_array(x: torch.Tensor) -> np.ndarray:
