@@ -76,6 +76,7 @@ sys.path.insert(0, str(ROOT))
 from bench._common import (MODEL_NAMES, SHAPES, WorkerError, gguf_file, llama_decode, llama_prefill,  # noqa: E402
                            machine, prompt_tokens, random_model, run_worker)
 from offload.manifest import MANIFEST  # noqa: E402
+from quant import native  # noqa: E402
 
 if TYPE_CHECKING:
     from profiler.machine import Machine
@@ -697,9 +698,9 @@ def markdown(res: dict) -> str:
                   "tensors at that type where the shapes allow, as the Q8_0 file's); moed's runs at those bits hold "
                   "their dense weights at those bits too (the embedding at 8)."
                   for q, g in mod.get("llama_more_ggufs", {}).items()),
-        "Builds: moed's native kernels are compiled for this CPU (-march=native: AVX512-VNNI where it has it); "
-        "llama.cpp as tools/setup.sh builds it (GGML_NATIVE=OFF with AVX2, FMA and F16C: no AVX512). A llama.cpp "
-        "built for this CPU was not measured: it may be faster than here.",
+        f"Builds: moed's native kernels are compiled for this CPU (-march=native; their dot products here: "
+        f"{native.simd()}); llama.cpp as tools/setup.sh builds it (GGML_NATIVE=OFF with AVX2, FMA and F16C: no "
+        "AVX512). A llama.cpp built for this CPU was not measured: it may be faster than here.",
         f"Memory cap: {cap['method']}" + (f" (not used: {'; '.join(cap['unavailable'])})" if cap['unavailable'] else "")
         + f". cap = base + share * E, base = {cap['base_bytes'] / MiB:.0f} MiB: {cap['base_how']}",
         f"Page cache before each run: {', '.join(f'{k} {v}' for k, v in res['page_cache_eviction'].items())}.",

@@ -73,13 +73,22 @@ void moed_unpack_planes(const uint8_t *const *planes, int r, int64_t n, uint8_t 
 #else
 #define MOED_VNNI 0
 #endif
-#if MOED_VNNI || defined(__F16C__)
+/* x86 CPUs without AVX512-VNNI but with AVX2 (most laptops and desktops: Zen 2/3, Intel's client cores) run the
+ * same integer dot products 8 rows at a time with vpmaddubsw (u8 x s8 pairs summed to int16, saturating) and
+ * vpmaddwd: see qdot_block for how no sum saturates. */
+#if !MOED_VNNI && defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define MOED_AVX2 1
+#else
+#define MOED_AVX2 0
+#endif
+#if MOED_VNNI || MOED_AVX2 || defined(__F16C__)
 #include <immintrin.h>
 #endif
 #include <math.h>
 #include <stdlib.h>
 
-int moed_has_vnni(void) { return MOED_VNNI; }
+/* The dot products' path: 2 AVX512-VNNI, 1 AVX2, 0 plain C. */
+int moed_simd(void) { return MOED_VNNI ? 2 : MOED_AVX2; }
 
 /* Bytes x - y (mod 256) of two words, byte by byte (no borrow across bytes). */
 static inline uint32_t bytes_sub(uint32_t x, uint32_t y) {
@@ -186,7 +195,7 @@ int moed_interleave_params(const float *p, int64_t n, int64_t ng, uint16_t *out)
     return bad ? -1 : 0;
 }
 
-#if !MOED_VNNI
+#if !MOED_VNNI && !MOED_AVX2
 /* An IEEE float16 (as its bits) as a float: normal, subnormal, zero, infinity and NaN. */
 static float half_float(uint16_t h) {
     const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 31u, man = h & 0x3ffu;
@@ -297,6 +306,92 @@ static inline __attribute__((always_inline)) void qdot_block(const uint8_t *xu, 
         }
     }
     for (int u = 0; u < nt; u++) _mm512_storeu_ps(out[u], acc_f[u]);
+#elif MOED_AVX2
+    /* The same integer sums as the VNNI path, rows 0-7 and 8-15 in two registers. vpmaddubsw multiplies u8 by s8
+     * and adds pairs into int16, saturating: packed nibbles (0..15) times x + 128 (0..255) give pairs of at most
+     * 7650, and four runs' pairs 30600, held in int16 before vpmaddwd widens them; 8-bit codes (-128..127) take x
+     * + 128 as 16 * high nibble + low nibble, each pair at most 3840 and eight runs' 30720 in int16. */
+    const __m256i low = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16);
+    __m256 acc_f[8][2];
+    for (int u = 0; u < nt; u++) acc_f[u][0] = acc_f[u][1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        __m256i acc[8][2];
+        for (int u = 0; u < nt; u++) acc[u][0] = acc[u][1] = _mm256_setzero_si256();
+        const uint8_t *xg = xu + (int64_t)i * k + g * G;
+        if (packed) {
+            const int8_t *wg = wb + g * G * 8;
+            for (int j0 = 0; j0 < G / 4; j0 += 4) { /* two 64-byte loads (four runs) a flush of the int16 sums */
+                __m256i h[8][2];
+                for (int u = 0; u < nt; u++) h[u][0] = h[u][1] = _mm256_setzero_si256();
+                const int j1 = j0 + 4 < G / 4 ? j0 + 4 : G / 4;
+                for (int j = j0; j < j1; j += 2) {
+                    const __m256i p0 = _mm256_loadu_si256((const __m256i *)(wg + 32 * j));
+                    const __m256i p1 = _mm256_loadu_si256((const __m256i *)(wg + 32 * j + 32));
+                    const __m256i w00 = _mm256_and_si256(p0, low);
+                    const __m256i w01 = _mm256_and_si256(_mm256_srli_epi16(p0, 4), low);
+                    const __m256i w10 = _mm256_and_si256(p1, low);
+                    const __m256i w11 = _mm256_and_si256(_mm256_srli_epi16(p1, 4), low);
+                    for (int u = 0; u < nt; u++) {
+                        int32_t x0, x1;
+                        memcpy(&x0, xg + (int64_t)u * k + 4 * j, 4);
+                        memcpy(&x1, xg + (int64_t)u * k + 4 * j + 4, 4);
+                        const __m256i xa = _mm256_set1_epi32(x0), xb = _mm256_set1_epi32(x1);
+                        h[u][0] = _mm256_add_epi16(h[u][0], _mm256_add_epi16(_mm256_maddubs_epi16(xa, w00),
+                                                                             _mm256_maddubs_epi16(xb, w01)));
+                        h[u][1] = _mm256_add_epi16(h[u][1], _mm256_add_epi16(_mm256_maddubs_epi16(xa, w10),
+                                                                             _mm256_maddubs_epi16(xb, w11)));
+                    }
+                }
+                for (int u = 0; u < nt; u++) {
+                    acc[u][0] = _mm256_add_epi32(acc[u][0], _mm256_madd_epi16(h[u][0], ones));
+                    acc[u][1] = _mm256_add_epi32(acc[u][1], _mm256_madd_epi16(h[u][1], ones));
+                }
+            }
+        } else {
+            const int8_t *wg = wb + g * G * 16;
+            for (int j0 = 0; j0 < G / 4; j0 += 8) { /* eight runs a flush of the int16 sums */
+                __m256i hi[8][2], lo[8][2];
+                for (int u = 0; u < nt; u++) hi[u][0] = hi[u][1] = lo[u][0] = lo[u][1] = _mm256_setzero_si256();
+                const int j1 = j0 + 8 < G / 4 ? j0 + 8 : G / 4;
+                for (int j = j0; j < j1; j++) {
+                    const __m256i w0 = _mm256_loadu_si256((const __m256i *)(wg + 64 * j));
+                    const __m256i w1 = _mm256_loadu_si256((const __m256i *)(wg + 64 * j + 32));
+                    for (int u = 0; u < nt; u++) {
+                        uint32_t xw;
+                        memcpy(&xw, xg + (int64_t)u * k + 4 * j, 4);
+                        const __m256i xl = _mm256_set1_epi32((int32_t)(xw & 0x0f0f0f0fu));
+                        const __m256i xh = _mm256_set1_epi32((int32_t)(xw >> 4 & 0x0f0f0f0fu));
+                        hi[u][0] = _mm256_add_epi16(hi[u][0], _mm256_maddubs_epi16(xh, w0));
+                        hi[u][1] = _mm256_add_epi16(hi[u][1], _mm256_maddubs_epi16(xh, w1));
+                        lo[u][0] = _mm256_add_epi16(lo[u][0], _mm256_maddubs_epi16(xl, w0));
+                        lo[u][1] = _mm256_add_epi16(lo[u][1], _mm256_maddubs_epi16(xl, w1));
+                    }
+                }
+                for (int u = 0; u < nt; u++)
+                    for (int v = 0; v < 2; v++)
+                        acc[u][v] = _mm256_add_epi32(acc[u][v], _mm256_add_epi32(_mm256_madd_epi16(hi[u][v], sixteen),
+                                                                                 _mm256_madd_epi16(lo[u][v], ones)));
+            }
+        }
+        const int64_t at = (b * ng + g) * 16;
+        for (int v = 0; v < 2; v++) {
+            const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + at + 8 * v)));
+            const __m256 zv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(z + at + 8 * v)));
+            const __m128i e16 = _mm_loadu_si128((const __m128i *)(e + at + 8 * v));
+            const __m256i ev = _mm256_slli_epi32(_mm256_cvtepi16_epi32(e16), 7);
+            for (int u = 0; u < nt; u++) {
+                const int64_t q = (int64_t)(i + u) * ng + g;
+                const __m256i off = packed ? _mm256_add_epi32(ev, _mm256_set1_epi32(mid * su[q])) : ev;
+                const __m256 dot = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[u][v], off));
+                acc_f[u][v] = _mm256_fmadd_ps(dot, _mm256_mul_ps(sv, _mm256_set1_ps(dx[q])), acc_f[u][v]);
+                acc_f[u][v] = _mm256_fmadd_ps(zv, _mm256_set1_ps(xs[q]), acc_f[u][v]);
+            }
+        }
+    }
+    for (int u = 0; u < nt; u++) {
+        _mm256_storeu_ps(out[u], acc_f[u][0]);
+        _mm256_storeu_ps(out[u] + 8, acc_f[u][1]);
+    }
 #else
     (void)su; /* codes are centred one by one here */
     for (int u = 0; u < nt; u++)
@@ -333,7 +428,8 @@ static inline __attribute__((always_inline)) void qdot_block(const uint8_t *xu, 
 
 #define QDOT(NT, P) qdot_block(xu, dx, xs, su, wb, s, z, e, b, k, G, i, NT, P, mid, out)
 
-/* Row blocks b0..b1-1 of y[t, n] (row stride ldy) = or += quantised x . w^T, eight tokens at a time */
+/* Row blocks b0..b1-1 of y[t, n] (row stride ldy) = or += quantised x . w^T, eight tokens at a time (AVX2:
+ * four) */
 static void qgemm_blocks(const uint8_t *xu, const float *dx, const float *xs, const int32_t *su, int t,
                          const int8_t *w, const uint16_t *s, const uint16_t *z, const int16_t *e, int64_t n, int64_t k,
                          int G, int bits, int64_t b0, int64_t b1, float *y, int64_t ldy, int accumulate) {
@@ -343,7 +439,7 @@ static void qgemm_blocks(const uint8_t *xu, const float *dx, const float *xs, co
         const int rows = n - 16 * b < 16 ? (int)(n - 16 * b) : 16;
         for (int i = 0; i < t;) {
             float out[8][16];
-            const int nt = t - i >= 8 ? 8 : t - i >= 4 ? 4 : 1;
+            const int nt = t - i >= 8 && !MOED_AVX2 ? 8 : t - i >= 4 ? 4 : 1; /* AVX2's 16 registers: 4 */
             if (packed) {
                 if (nt == 8) QDOT(8, 1); else if (nt == 4) QDOT(4, 1); else QDOT(1, 1);
             } else {

@@ -124,11 +124,20 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, None
-    lib.moed_has_vnni.argtypes, lib.moed_has_vnni.restype = [], I
+    lib.moed_simd.argtypes, lib.moed_simd.restype = [], I
     lib.moed_interleave_planes.argtypes = [ctypes.POINTER(P), I, L, L, I, P, P, I]
     lib.moed_interleave_planes.restype = I
     lib.moed_interleave_params.argtypes, lib.moed_interleave_params.restype = [P, L, L, P], I
     return lib
+
+
+SIMD_PATHS = ("plain C", "AVX2", "AVX512-VNNI")  # moed_simd()'s values, in order
+
+
+def simd() -> str | None:
+    """The path the library's dot products take on this CPU (SIMD_PATHS), or None where there is no library."""
+    lib = library()
+    return None if lib is None else SIMD_PATHS[lib.moed_simd()]
 
 
 def unpack_planes(planes: list[np.ndarray], out: np.ndarray) -> bool:

@@ -5,10 +5,11 @@ bits, two to a byte at 4 bits or fewer), with three 16-bit parameters per group 
 the codes' int16 sum): about 8.4 (or 4.4) bits per weight at groups of 128 (a llama.cpp Q8_0 tensor holds
 8.5), made in one pass over the codes.
 Activations are quantised per group to int8 (as onnxruntime's MatMulNBits at accuracy level 4); an x86
-CPU with AVX512-VNNI runs the dot products 16 rows at a time with vpdpbusd, any other CPU the same
-arithmetic in plain C. A whole expert FFN is one call. Calls release the GIL. A large matrix's row blocks,
-and a decode step's resident experts, are split over threads of quant/native.c's own, which wait for the
-next job spinning for a while; experts that wait for reads run side by side on the Python workers.
+CPU with AVX512-VNNI runs the dot products 16 rows at a time with vpdpbusd, one with AVX2 8 rows at a time
+with vpmaddubsw and vpmaddwd (the same integer sums), any other CPU the same arithmetic in plain C. A whole
+expert FFN is one call. Calls release the GIL. A large matrix's row blocks, and a decode step's resident
+experts, are split over threads of quant/native.c's own, which wait for the next job spinning for a while;
+experts that wait for reads run side by side on the Python workers.
 """
 
 from __future__ import annotations

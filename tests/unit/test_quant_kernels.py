@@ -187,34 +187,39 @@ def test_native_splits_a_large_matrix_over_its_workers(bits):
         two.close()
 
 
-def test_native_plain_c_path_computes_what_the_vnni_path_does(tmp_path):
-    """The kernels' plain-C loops (CPUs without AVX512-VNNI) against the vector path, where this CPU has it:
-    the same integer dot products, the float steps in another order (within 1e-5)."""
+def test_native_plain_c_path_computes_what_the_vector_path_does(tmp_path):
+    """The kernels' plain-C loops (CPUs without AVX2) against the vector path this CPU takes (AVX512-VNNI or
+    AVX2): the same integer dot products, the float steps in another order (within 1e-5). Codes at both ends
+    of their range and activations at +-max (x + 128 at 1 and 255) are in, where an int16 sum would saturate."""
     import ctypes
 
     import numpy as np
 
     from quant import native
     lib = native.library()
-    if lib is None or not lib.moed_has_vnni():
-        pytest.skip("needs the native library built with AVX512-VNNI to compare against")
-    plain = ctypes.CDLL(str(native.build(tmp_path, extra=("-mno-avx512vnni", "-mno-f16c"))))
-    plain.moed_has_vnni.restype = ctypes.c_int
-    assert plain.moed_has_vnni() == 0
+    if lib is None or not lib.moed_simd():
+        pytest.skip("needs the native library built with a vector path to compare against")
+    plain = ctypes.CDLL(str(native.build(tmp_path, extra=("-mno-avx2", "-mno-avx512vnni", "-mno-f16c"))))
     native.bind(plain)
+    assert plain.moed_simd() == 0
     s = scheme("msb")
+    gen = torch.Generator().manual_seed(3)
+    extreme = torch.where(torch.rand(40, 256, generator=gen) < 0.5, -1.0, 1.0)  # codes 0 and 2^b - 1 only
     for bits in (8, 4):  # one byte a code; two
-        view = s.view(s.encode(torch.randn(40, 256, generator=torch.Generator().manual_seed(3)), 64), bits)
-        form = get_backend("native").prepare(view)
-        assert form.terms[0].codes.nbytes == 48 * 256 // (1 if bits > 4 else 2)
-        x = np.random.default_rng(4).standard_normal((13, 256)).astype(np.float32)  # 8 + 4 + 1 tokens
-        ys = []
-        for impl in (lib, plain):
-            y = np.empty((13, 40), dtype=np.float32)
-            impl.moed_qgemm_mt(x.ctypes.data, 13, *form.terms[0].args(), 40, 256, 64, bits, 0, form.blocks,
-                               y.ctypes.data, 40, 0, 1)
-            ys.append(y)
-        assert np.allclose(ys[0], ys[1], rtol=1e-5, atol=1e-5 * np.abs(ys[0]).max())
+        for w in (torch.randn(40, 256, generator=gen), extreme):
+            view = s.view(s.encode(w, 64), bits)
+            form = get_backend("native").prepare(view)
+            assert form.terms[0].codes.nbytes == 48 * 256 // (1 if bits > 4 else 2)
+            rng = np.random.default_rng(4)
+            x = rng.standard_normal((13, 256)).astype(np.float32)  # 8 + 4 + 1 tokens
+            x[8:] = np.sign(x[8:])  # every activation at its group's +-max
+            ys = []
+            for impl in (lib, plain):
+                y = np.empty((13, 40), dtype=np.float32)
+                impl.moed_qgemm_mt(x.ctypes.data, 13, *form.terms[0].args(), 40, 256, 64, bits, 0, form.blocks,
+                                   y.ctypes.data, 40, 0, 1)
+                ys.append(y)
+            assert np.allclose(ys[0], ys[1], rtol=1e-5, atol=1e-5 * np.abs(ys[0]).max()), (bits, ys[0] - ys[1])
     # float16 parameters without F16C: rounded to nearest even as the vector instruction (and numpy) do, from
     # subnormals to the edge of the range; beyond it, an error
     tiny = 2.0 ** -24  # the least float16 subnormal
