@@ -96,6 +96,26 @@ static inline uint32_t bytes_sub(uint32_t x, uint32_t y) {
     return ((x | H) - (y & ~H)) ^ ((x ^ ~y) & H);
 }
 
+#if defined(__AVX2__)
+/* r[i]: words 0..7 of row i (i < 8) -> r[j]: word j of rows 0..7 (an 8x8 transpose of 32-bit words) */
+static inline __attribute__((always_inline)) void transpose_words(__m256i r[8]) {
+    __m256i t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);     /* rows i, i+1: words 0 1 | 4 5 */
+        t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]); /* words 2 3 | 6 7 */
+    }
+    for (int i = 0; i < 8; i += 4)
+        for (int h = 0; h < 2; h++) {
+            u[i + 2 * h] = _mm256_unpacklo_epi64(t[i + h], t[i + 2 + h]);     /* 4 rows: word 2h | 2h + 4 */
+            u[i + 2 * h + 1] = _mm256_unpackhi_epi64(t[i + h], t[i + 2 + h]); /* word 2h + 1 | 2h + 5 */
+        }
+    for (int j = 0; j < 4; j++) {
+        r[j] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x20);
+        r[j + 4] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x31);
+    }
+}
+#endif
+
 /* codes [rows, k] of b bits (mid = 2^(b-1)), rows <= 16, -> block b of the kernels' layout: above 4 bits centred
  * codes, a run of 4 of each of the block's 16 rows per 64 bytes; at 4 or fewer uncentred nibbles, runs 2j and
  * 2j + 1 in one 64 bytes. And each group's sum of centred codes. Rows past `rows` are zero. */
@@ -104,6 +124,37 @@ static void interleave_block(const uint8_t *codes, int rows, int64_t b, int64_t 
     const int64_t ng = k / G, runs = bits <= 4 ? k / 8 : k / 4;
     const int mid = 1 << (bits - 1);
     const uint32_t mids = 0x01010101u * (uint32_t)mid;
+#if defined(__AVX2__)
+    if (bits > 4 && rows == 16 && k % 32 == 0) { /* eight runs of 16 rows at a time: two 8x8 word transposes */
+        const __m256i midv = _mm256_set1_epi8((char)mid);
+        for (int64_t j0 = 0; j0 < runs; j0 += 8)
+            for (int h = 0; h < 2; h++) {
+                __m256i w[8];
+                for (int i = 0; i < 8; i++)
+                    w[i] = _mm256_sub_epi8(_mm256_loadu_si256((const __m256i *)(codes + (8 * h + i) * k + 4 * j0)),
+                                           midv);
+                transpose_words(w);
+                for (int j = 0; j < 8; j++)
+                    _mm256_storeu_si256((__m256i *)(out + b * 64 * runs + 64 * (j0 + j) + 32 * h), w[j]);
+            }
+        for (int r = 0; r < 16; r++)
+            for (int64_t g = 0; g < ng; g++) {
+                int32_t sum = 0;
+                if (G % 32 == 0) { /* vpsadbw: the codes' sums by 8 bytes */
+                    __m256i acc = _mm256_setzero_si256();
+                    for (int j = 0; j < G; j += 32)
+                        acc = _mm256_add_epi64(acc, _mm256_sad_epu8(
+                            _mm256_loadu_si256((const __m256i *)(codes + r * k + g * G + j)), _mm256_setzero_si256()));
+                    const __m128i two = _mm_add_epi64(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+                    sum = (int32_t)(_mm_cvtsi128_si64(two) + _mm_extract_epi64(two, 1));
+                } else {
+                    for (int j = 0; j < G; j++) sum += codes[r * k + g * G + j];
+                }
+                sums[b * ng * 16 + r + 16 * g] = (int16_t)(sum - G * mid);
+            }
+        return;
+    }
+#endif
     for (int r = 0; r < 16; r++) {
         uint8_t *dst = out + b * 64 * runs + 4 * r;
         int16_t *ex = sums + b * ng * 16 + r;

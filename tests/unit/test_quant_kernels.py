@@ -220,6 +220,17 @@ def test_native_plain_c_path_computes_what_the_vector_path_does(tmp_path):
                                    y.ctypes.data, 40, 0, 1)
                 ys.append(y)
             assert np.allclose(ys[0], ys[1], rtol=1e-5, atol=1e-5 * np.abs(ys[0]).max()), (bits, ys[0] - ys[1])
+    # the form itself, byte for byte: whole and partial blocks of rows, rows of a multiple of 32 codes or not,
+    # groups of a multiple of 32 or not
+    for bits, n, k, g in ((8, 40, 256, 64), (6, 33, 320, 40), (8, 16, 264, 8), (4, 40, 256, 64), (5, 32, 96, 96)):
+        codes = np.random.default_rng(bits + n).integers(0, 1 << bits, (n, k), dtype=np.uint8)
+        forms = []
+        for impl in (lib, plain):
+            out = np.full(-(-n // 16) * 16 * k // (2 if bits <= 4 else 1), 7, dtype=np.int8)
+            sums = np.full(-(-n // 16) * (k // g) * 16, 7, dtype=np.int16)
+            impl.moed_interleave(codes.ctypes.data, n, k, g, bits, out.ctypes.data, sums.ctypes.data)
+            forms.append((out, sums))
+        assert np.array_equal(forms[0][0], forms[1][0]) and np.array_equal(forms[0][1], forms[1][1]), (bits, n, k, g)
     # float16 parameters without F16C: rounded to nearest even as the vector instruction (and numpy) do, from
     # subnormals to the edge of the range; beyond it, an error
     tiny = 2.0 ** -24  # the least float16 subnormal
