@@ -107,9 +107,10 @@ class Accelerator:
         return self.compute.submit(_with_threads, torch.get_num_threads(), self.backend.ffn, x, form)
 
     def after(self, copy: Future, x: torch.Tensor) -> Future:
-        """An expert's FFN on the compute worker once `copy` gives its form (the stream waits for the copy)."""
-        return self.compute.submit(lambda n=torch.get_num_threads(): _with_threads(
-            n, self.backend.ffn, x, copy.result().form))
+        """An expert's FFN on the compute worker, queued there once `copy` has given its form: the worker never
+        waits for a copy (the copy of an expert behind it could be what frees the RAM this one's read needs)."""
+        n = torch.get_num_threads()
+        return _submit_once_done(self.compute, copy, lambda: _with_threads(n, self.backend.ffn, x, copy.result().form))
 
     def close(self) -> None:
         """Stop the workers."""
@@ -624,8 +625,13 @@ class LayerExperts:
                 done[e] = p.accel.ffn(inp(e), held[e].form)
                 done[e].add_done_callback(lambda _f, e=e: unpin(e))
             for e in copies:  # planned copies (after their reads), then their use on the accelerator
-                src = fetches.pop(e) if e in fetches else held[e]
-                copy = p.accel.copy.submit(p._stage, src, staged[e])
+                if e in fetches:  # queued on the copy stream once read: a copy waiting there for a read that
+                    # waits for RAM another copy behind it would free would hold both up
+                    src = fetches.pop(e)
+                    copy = _submit_once_done(p.accel.copy, src, p._stage, src, staged[e])
+                else:
+                    src = held[e]
+                    copy = p.accel.copy.submit(p._stage, src, staged[e])
                 done[e] = p.accel.after(copy, inp(e))
                 then(done[e], self._staged_used, e, copy, src, unpin)
             self._prefetch_next(x)
@@ -779,6 +785,27 @@ def _shares(experts: list[int], counts: dict[int, int], n: int) -> list[list[int
         shares[i].append(e)
         load[i] += counts[e]
     return shares
+
+
+def _submit_once_done(pool: ThreadPoolExecutor, first: Future, fn, *args) -> Future:
+    """The future of fn(*args) submitted to pool once `first` is done (whichever way): no worker of pool waits
+    for `first`."""
+    out: Future = Future()
+
+    def relay(f: Future) -> None:
+        if f.exception() is not None:
+            out.set_exception(f.exception())
+        else:
+            out.set_result(f.result())
+
+    def submit(_first: Future) -> None:
+        try:
+            pool.submit(fn, *args).add_done_callback(relay)
+        except BaseException as e:  # noqa: BLE001 - (a pool shut down): the error is the copy's
+            out.set_exception(e)
+
+    first.add_done_callback(submit)
+    return out
 
 
 def _after(prev: Future | None, fn, *args):

@@ -194,6 +194,42 @@ def test_the_scheduler_plan_decides_where_experts_run(store_dir, gpu_fast):
     p.close()
 
 
+def test_copies_wait_for_their_reads_off_the_copy_stream(store_dir, monkeypatch):
+    """RAM for one expert, two missed experts both planned to be copied to the accelerator, read in the
+    opposite order to the copy stream's: the first read takes the room, the second waits for it, and the first
+    copy is the second read's. A copy stream that waited there for its read would never reach the copy that
+    frees the room (until the stall error); each copy goes on the stream once its read is done instead."""
+    import dataclasses
+
+    import offload.tiered as tiered
+
+    monkeypatch.setattr(tiered, "STALL_SECONDS", 5.0)
+    store = Store(store_dir)
+    backend = get_backend("reference")
+    layer, n = store.layers[0], store.n_experts(store.layers[0])
+    one = ExpertSizes(store).ram(backend, 8, True)
+    costs = LayerCosts.linear((1e-3, 1e-3), (1e-6, 0.0), (1e-7, 0.0), (1e-3, 0.0),
+                              sum(a * b for a, b in store.layout.shapes))
+    plan = tiered.LayerExperts._plan
+    plans = []
+
+    def reads_reversed(self, *args):
+        plans.append(plan(self, *args))
+        return dataclasses.replace(plans[-1], reads=tuple(reversed(plans[-1].copies)))
+
+    monkeypatch.setattr(tiered.LayerExperts, "_plan", reads_reversed)
+    p = TieredExperts(store, 8, backend, budgets=Budgets(ram=one, vram=2 * one), io_threads=1,
+                      accelerator=Accelerator.create("emulated", backend), prefetch=False, costs=costs)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, store.layout.shapes[0][1], generator=gen)
+    r = routing_for(gen, 1, n, 2)
+    assert torch.equal(p.experts(layer)(x, r), StoreExperts(store, 8).experts(layer)(x, r))
+    assert len(plans[0].copies) == 2 and p.links["ram->vram"].transfers == 2
+    for name, t in p.tiers.items():
+        assert t.used <= t.capacity and p.stats[name].peak <= t.capacity
+    p.close()
+
+
 def test_auto_bits_picks_the_most_that_fit(store_dir):
     store = Store(store_dir)
     p = tiered_experts(store, OffloadOptions(bits="auto", ram_budget="60%"), kernel="torch")
