@@ -562,10 +562,33 @@ def find_base(setup: Setup, trace: Path, given: int | None = None) -> dict:
             "cgroup_peak_bytes": r["cap"].get("max_usage_bytes"), "run": r}
 
 
+def llama_footprint(budgets: list[dict], files: Files) -> int | None:
+    """llama.cpp's bytes besides its routed experts (its runtime and the GGUF's other tensors) from a run before
+    that held every expert: its peak RSS (the mapped file's resident pages included) less the experts' bytes."""
+    for b in budgets:
+        run = b["llama.cpp"]
+        if b["share"] >= 1 and run.get("status") == "ok" and run.get("peak_rss_bytes"):
+            return max(0, run["peak_rss_bytes"] - files.expert_bytes)
+    return None
+
+
+def llama_replay(share: float, cap: int | None, footprint: int | None, files: Files, n_total: int) -> tuple:
+    """llama.cpp's replay: (policy, experts held, how). Under a cap its page cache holds what the cap leaves
+    besides its footprint (measured at 100%), the kernel evicting the least recently used pages: an LRU cache of
+    that many experts; else --n-cpu-moe's static placement of the budget's share."""
+    if cap is not None and footprint is not None and share < 1:
+        room = min(n_total, max(0, (cap - footprint) // (files.expert_bytes // n_total)))
+        return "lru", room, (f"page cache: LRU over the {room} experts the cap leaves besides llama.cpp's "
+                             f"{footprint / MiB:.0f} MiB (peak RSS at 100% less the experts)")
+    return "llamacpp", int(share * n_total), "static placement of the budget's share"
+
+
 def run_budget(setup: Setup, share: float, base: dict, moed_budget: str, policies: list[str], trace: Trace,
-               sims: dict[str, Machine], extra_bits: list[str], fill: float = 0.0) -> dict:
+               sims: dict[str, Machine], extra_bits: list[str], fill: float = 0.0,
+               llama_base: int | None = None) -> dict:
     """llama.cpp (Q8_0, and at each of extra_bits LLAMA_QTYPES has) and moed (each policy; its own at extra_bits
-    and FILL%free) at one RAM budget share under one cap, with the simulator's predictions."""
+    and FILL%free) at one RAM budget share under one cap, with the simulator's predictions (llama.cpp's page cache
+    from `llama_base`, its footprint besides its experts, as llama_footprint measures it)."""
     f = setup.files
     n_total = f.config["num_experts"] * f.config["num_hidden_layers"]
     moed_expert = base["run"]["expert_bytes"]
@@ -582,7 +605,8 @@ def run_budget(setup: Setup, share: float, base: dict, moed_budget: str, policie
                + [(f"{label}-moed-{bits}", "moed", "moed", budget, bits) for bits in extra_bits]
                + [(f"{label}-moed-{bits}-fill", "moed", "moed", f"{fill:g}%free", bits) for bits in fills])
     llama, *measured = setup.run_all(cap, configs)
-    llama["simulator"] = compare(predict(trace, sims["llama.cpp"], "llamacpp", int(share * n_total)), llama)
+    policy, room, how = llama_replay(share, cap, llama_base, f, n_total)
+    llama["simulator"] = {**compare(predict(trace, sims["llama.cpp"], policy, room), llama), "how": how}
     results = iter(measured)
     llama_more = {}
     for b in llama_bits:
@@ -750,6 +774,8 @@ def markdown(res: dict) -> str:
     ops = {n if n == "llama.cpp" else "moed": sim["ffn_op"] for n, sim in sims if "ffn_op" in sim}
     lines += [f"Simulator expert timings: {', '.join(f'{k} with {v}' for k, v in ops.items())} (the profile has no "
               "llama.cpp kernel; its replay takes the fastest probed one)."]
+    lines += [f"Simulator, llama.cpp at {b['share']:.0%}: {b['llama.cpp']['simulator']['how']}." for b in res["budgets"]
+              if b["llama.cpp"].get("simulator", {}).get("how")]
     lines += [f"Simulator note: {n}" for n in sorted({n for _, sim in sims for n in sim.get("notes", [])})]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -806,7 +832,10 @@ def main() -> None:
     trace = read_trace(trace_path)
     machine_spec = a.machine or default_machine()
     sims, refined = sim_machines(machine_spec, base["run"], trace.header.model)
-    budgets = [run_budget(setup, s, base, a.moed_budget, policies, trace, sims, extra, a.fill) for s in shares]
+    budgets: list[dict] = []
+    for s in shares:  # (100% first: llama.cpp's footprint for its replays under the tighter caps)
+        budgets.append(run_budget(setup, s, base, a.moed_budget, policies, trace, sims, extra, a.fill,
+                                  llama_footprint(budgets, files)))
 
     for r in [base["run"]] + [r for b in budgets for r in b["moed"].values()]:  # learned from; kept as a summary
         r["timings"] = _timing_summary(r.get("timings", []))
