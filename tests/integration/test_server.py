@@ -228,6 +228,10 @@ def test_status_and_watch_report_the_model_queue_and_experts(server):
     assert st.model.name == "qwen3_moe" and st.model.state == pb.MODEL_STATE_LOADED
     assert st.model.moe_layers == 2 and st.model.experts_per_layer == 8 and st.model.parameters > 0
     assert st.devices[0].kind == "cpu" and st.devices[0].memory_total_bytes > 0
+    from quant import native
+    if native.library() is not None:  # loaded: the path its dot products take here is named
+        cpu = s.Status(pb.StatusRequest()).devices[0].description
+        assert cpu.endswith(f" (moed kernels: {native.simd()})") and native.simd() in native.SIMD_PATHS
     ram = st.tiers[0]
     assert ram.name == "ram" and ram.used_bytes == 2 * 8 * 3 * 256 * 256 * 4  # layers x experts x 3 mats, fp32
     assert ram.experts_resident == ram.experts_total == 16 and ram.hit_rate == 1.0
