@@ -40,7 +40,78 @@ static inline __attribute__((always_inline)) void unpack_r(const uint8_t *const 
     }
 }
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+/* transpose8 on each 64-bit lane */
+static inline __attribute__((always_inline)) __m256i transpose8_lanes(__m256i x) {
+    __m256i t;
+    t = _mm256_and_si256(_mm256_xor_si256(x, _mm256_srli_epi64(x, 7)), _mm256_set1_epi64x(0x00AA00AA00AA00AALL));
+    x = _mm256_xor_si256(x, _mm256_xor_si256(t, _mm256_slli_epi64(t, 7)));
+    t = _mm256_and_si256(_mm256_xor_si256(x, _mm256_srli_epi64(x, 14)), _mm256_set1_epi64x(0x0000CCCC0000CCCCLL));
+    x = _mm256_xor_si256(x, _mm256_xor_si256(t, _mm256_slli_epi64(t, 14)));
+    t = _mm256_and_si256(_mm256_xor_si256(x, _mm256_srli_epi64(x, 28)), _mm256_set1_epi64x(0x00000000F0F0F0F0LL));
+    return _mm256_xor_si256(x, _mm256_xor_si256(t, _mm256_slli_epi64(t, 28)));
+}
+
+/* unpack_r for 32 bytes of each plane (256 codes) at a time: the words of unpack_r (byte t of word i = byte i of
+ * p[t]) by three rounds of byte, 16-bit and 32-bit interleaving of the planes (g[k]: words 2k, 2k + 1 in its low
+ * half, 16 + 2k, 17 + 2k in its high half), then transpose8 and the byte swap on each word. Returns the bytes
+ * done (a multiple of 32). */
+static inline __attribute__((always_inline)) int64_t unpack_r_avx2(const uint8_t *const *p, const int r, int64_t n,
+                                                                    uint8_t *restrict out) {
+    const __m256i bswap = _mm256_setr_epi8(7, 6, 5, 4, 3, 2, 1, 0, 15, 14, 13, 12, 11, 10, 9, 8,
+                                           7, 6, 5, 4, 3, 2, 1, 0, 15, 14, 13, 12, 11, 10, 9, 8);
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256i q[8], a[8], e[8], g[8];
+        for (int t = 0; t < 8; t++)
+            q[t] = t < r ? _mm256_loadu_si256((const __m256i *)(p[t] + i)) : _mm256_setzero_si256();
+        for (int t = 0; t < 8; t += 2) {
+            a[t] = _mm256_unpacklo_epi8(q[t], q[t + 1]);     /* bytes 0-7 | 16-23 of planes t, t + 1 */
+            a[t + 1] = _mm256_unpackhi_epi8(q[t], q[t + 1]); /* bytes 8-15 | 24-31 */
+        }
+        for (int h = 0; h < 2; h++) /* planes 4h..4h+3: e[4h + j] holds bytes 4j..4j+3 | 16+4j.. */
+            for (int j = 0; j < 2; j++) {
+                e[4 * h + 2 * j] = _mm256_unpacklo_epi16(a[4 * h + j], a[4 * h + 2 + j]);
+                e[4 * h + 2 * j + 1] = _mm256_unpackhi_epi16(a[4 * h + j], a[4 * h + 2 + j]);
+            }
+        for (int j = 0; j < 4; j++) {
+            g[2 * j] = _mm256_unpacklo_epi32(e[j], e[4 + j]);
+            g[2 * j + 1] = _mm256_unpackhi_epi32(e[j], e[4 + j]);
+        }
+        for (int k = 0; k < 8; k++) g[k] = _mm256_shuffle_epi8(transpose8_lanes(g[k]), bswap);
+        for (int k = 0; k < 8; k += 2) {
+            _mm256_storeu_si256((__m256i *)(out + 8 * (i + 2 * k)), _mm256_permute2x128_si256(g[k], g[k + 1], 0x20));
+            _mm256_storeu_si256((__m256i *)(out + 8 * (i + 16 + 2 * k)),
+                                _mm256_permute2x128_si256(g[k], g[k + 1], 0x31));
+        }
+    }
+    return i;
+}
+#endif
+
 void moed_unpack_planes(const uint8_t *const *planes, int r, int64_t n, uint8_t *out) {
+#if defined(__AVX2__)
+    const uint8_t *rest[8];
+    if (r >= 1 && r <= 8) {
+        const uint8_t *p[8];
+        for (int t = 0; t < r; t++) p[t] = planes[r - 1 - t];
+        int64_t done;
+        switch (r) { /* r a constant in each */
+        case 1: done = unpack_r_avx2(p, 1, n, out); break;
+        case 2: done = unpack_r_avx2(p, 2, n, out); break;
+        case 3: done = unpack_r_avx2(p, 3, n, out); break;
+        case 4: done = unpack_r_avx2(p, 4, n, out); break;
+        case 5: done = unpack_r_avx2(p, 5, n, out); break;
+        case 6: done = unpack_r_avx2(p, 6, n, out); break;
+        case 7: done = unpack_r_avx2(p, 7, n, out); break;
+        default: done = unpack_r_avx2(p, 8, n, out); break;
+        }
+        if (done == n) return;
+        for (int k = 0; k < r; k++) rest[k] = planes[k] + done;
+        planes = rest, n -= done, out += 8 * done; /* the last bytes as below */
+    }
+#endif
     switch (r) {
     case 1: unpack_r(planes, 1, n, out); break;
     case 2: unpack_r(planes, 2, n, out); break;
