@@ -90,7 +90,7 @@ POLICIES = ("lru", "lfu", "score", "moed")
 SIM_POLICY = {"llama.cpp": "llamacpp", **{p: f"engine:policy={p}" for p in POLICIES}}
 CALIBRATE = ("attn", "head", "expert")  # engine timings of the base run's decode that refine moed's cost model
 BITS = 8
-DENSE_BITS = 8  # moed's dense weights, as the Q8_0 file's; in its runs at a bit-width LLAMA_QTYPES has, at that
+DENSE_BITS = 8  # moed's dense weights, as the Q8_0 file's (at another width LLAMA_QTYPES has: that, dense_bits)
 MARGIN_SHARE, MIN_MARGIN = 0.25, 300 << 20
 # llama.cpp's files at other bits than the Q8_0 one, for a comparison at the bits of moed's --extra-bits runs:
 # Q4_0 (4.5 bits a weight; moed's 4-bit native form holds ~4.4)

@@ -625,13 +625,11 @@ class LayerExperts:
                 done[e] = p.accel.ffn(inp(e), held[e].form)
                 done[e].add_done_callback(lambda _f, e=e: unpin(e))
             for e in copies:  # planned copies (after their reads), then their use on the accelerator
-                if e in fetches:  # queued on the copy stream once read: a copy waiting there for a read that
-                    # waits for RAM another copy behind it would free would hold both up
-                    src = fetches.pop(e)
-                    copy = _submit_once_done(p.accel.copy, src, p._stage, src, staged[e])
-                else:
-                    src = held[e]
-                    copy = p.accel.copy.submit(p._stage, src, staged[e])
+                src = fetches.pop(e) if e in fetches else held[e]
+                # one being read is queued on the copy stream once read: a copy waiting there for a read that
+                # waits for RAM another copy behind it would free would hold both up
+                copy = _submit_once_done(p.accel.copy, src if isinstance(src, Future) else None, p._stage, src,
+                                         staged[e])
                 done[e] = p.accel.after(copy, inp(e))
                 then(done[e], self._staged_used, e, copy, src, unpin)
             self._prefetch_next(x)
@@ -787,9 +785,11 @@ def _shares(experts: list[int], counts: dict[int, int], n: int) -> list[list[int
     return shares
 
 
-def _submit_once_done(pool: ThreadPoolExecutor, first: Future, fn, *args) -> Future:
-    """The future of fn(*args) submitted to pool once `first` is done (whichever way): no worker of pool waits
-    for `first`."""
+def _submit_once_done(pool: ThreadPoolExecutor, first: Future | None, fn, *args) -> Future:
+    """The future of fn(*args) submitted to pool once `first` is done (whichever way; None: now): no worker of
+    pool waits for `first`."""
+    if first is None:
+        return pool.submit(fn, *args)
     out: Future = Future()
 
     def relay(f: Future) -> None:

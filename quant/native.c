@@ -25,23 +25,11 @@ static inline uint64_t transpose8(uint64_t x) {
     return x;
 }
 
-/* One call per plane count, r a constant in each: the compiler vectorises the loop over bytes. */
-static inline __attribute__((always_inline)) void unpack_r(const uint8_t *const *planes, const int r, int64_t n,
-                                                           uint8_t *restrict out) {
-    const uint8_t *p[8];
-    for (int t = 0; t < r; t++)
-        p[t] = planes[r - 1 - t];
-    for (int64_t i = 0; i < n; i++) {
-        uint64_t x = 0;
-        for (int t = 0; t < r; t++)
-            x |= (uint64_t)p[t][i] << (8 * t);
-        x = __builtin_bswap64(transpose8(x));
-        memcpy(out + 8 * i, &x, 8);
-    }
-}
+#if defined(__AVX2__) || defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 #if defined(__AVX2__)
-#include <immintrin.h>
 /* transpose8 on each 64-bit lane */
 static inline __attribute__((always_inline)) __m256i transpose8_lanes(__m256i x) {
     __m256i t;
@@ -53,10 +41,10 @@ static inline __attribute__((always_inline)) __m256i transpose8_lanes(__m256i x)
     return _mm256_xor_si256(x, _mm256_xor_si256(t, _mm256_slli_epi64(t, 28)));
 }
 
-/* unpack_r for 32 bytes of each plane (256 codes) at a time: the words of unpack_r (byte t of word i = byte i of
- * p[t]) by three rounds of byte, 16-bit and 32-bit interleaving of the planes (g[k]: words 2k, 2k + 1 in its low
- * half, 16 + 2k, 17 + 2k in its high half), then transpose8 and the byte swap on each word. Returns the bytes
- * done (a multiple of 32). */
+/* unpack_r's words for 32 bytes of each plane (256 codes) at a time: byte t of word i = byte i of p[t], by
+ * three rounds of byte, 16-bit and 32-bit interleaving of the planes (g[k]: words 2k, 2k + 1 in its low half,
+ * 16 + 2k, 17 + 2k in its high half), then transpose8 and the byte swap on each word. Returns the bytes done
+ * (a multiple of 32). */
 static inline __attribute__((always_inline)) int64_t unpack_r_avx2(const uint8_t *const *p, const int r, int64_t n,
                                                                     uint8_t *restrict out) {
     const __m256i bswap = _mm256_setr_epi8(7, 6, 5, 4, 3, 2, 1, 0, 15, 14, 13, 12, 11, 10, 9, 8,
@@ -90,28 +78,27 @@ static inline __attribute__((always_inline)) int64_t unpack_r_avx2(const uint8_t
 }
 #endif
 
-void moed_unpack_planes(const uint8_t *const *planes, int r, int64_t n, uint8_t *out) {
+/* One call per plane count, r a constant in each: with AVX2, 32 bytes of each plane at a time
+ * (unpack_r_avx2), the last bytes (or all, without) a word at a time, a loop the compiler vectorises. */
+static inline __attribute__((always_inline)) void unpack_r(const uint8_t *const *planes, const int r, int64_t n,
+                                                           uint8_t *restrict out) {
+    const uint8_t *p[8];
+    for (int t = 0; t < r; t++)
+        p[t] = planes[r - 1 - t];
+    int64_t i = 0;
 #if defined(__AVX2__)
-    const uint8_t *rest[8];
-    if (r >= 1 && r <= 8) {
-        const uint8_t *p[8];
-        for (int t = 0; t < r; t++) p[t] = planes[r - 1 - t];
-        int64_t done;
-        switch (r) { /* r a constant in each */
-        case 1: done = unpack_r_avx2(p, 1, n, out); break;
-        case 2: done = unpack_r_avx2(p, 2, n, out); break;
-        case 3: done = unpack_r_avx2(p, 3, n, out); break;
-        case 4: done = unpack_r_avx2(p, 4, n, out); break;
-        case 5: done = unpack_r_avx2(p, 5, n, out); break;
-        case 6: done = unpack_r_avx2(p, 6, n, out); break;
-        case 7: done = unpack_r_avx2(p, 7, n, out); break;
-        default: done = unpack_r_avx2(p, 8, n, out); break;
-        }
-        if (done == n) return;
-        for (int k = 0; k < r; k++) rest[k] = planes[k] + done;
-        planes = rest, n -= done, out += 8 * done; /* the last bytes as below */
-    }
+    i = unpack_r_avx2(p, r, n, out);
 #endif
+    for (; i < n; i++) {
+        uint64_t x = 0;
+        for (int t = 0; t < r; t++)
+            x |= (uint64_t)p[t][i] << (8 * t);
+        x = __builtin_bswap64(transpose8(x));
+        memcpy(out + 8 * i, &x, 8);
+    }
+}
+
+void moed_unpack_planes(const uint8_t *const *planes, int r, int64_t n, uint8_t *out) {
     switch (r) {
     case 1: unpack_r(planes, 1, n, out); break;
     case 2: unpack_r(planes, 2, n, out); break;
@@ -152,9 +139,6 @@ void moed_unpack_planes(const uint8_t *const *planes, int r, int64_t n, uint8_t 
 #else
 #define MOED_AVX2 0
 #endif
-#if MOED_VNNI || MOED_AVX2 || defined(__F16C__)
-#include <immintrin.h>
-#endif
 #include <math.h>
 #include <stdlib.h>
 
@@ -187,6 +171,23 @@ static inline __attribute__((always_inline)) void transpose_words(__m256i r[8]) 
 }
 #endif
 
+/* The sum of G codes (vpsadbw by 8 bytes where there is AVX2 and G % 32 == 0) */
+static inline int32_t group_sum(const uint8_t *src, int G) {
+#if defined(__AVX2__)
+    if (G % 32 == 0) {
+        __m256i acc = _mm256_setzero_si256();
+        for (int j = 0; j < G; j += 32)
+            acc = _mm256_add_epi64(acc, _mm256_sad_epu8(_mm256_loadu_si256((const __m256i *)(src + j)),
+                                                        _mm256_setzero_si256()));
+        const __m128i two = _mm_add_epi64(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+        return (int32_t)(_mm_cvtsi128_si64(two) + _mm_extract_epi64(two, 1));
+    }
+#endif
+    int32_t sum = 0;
+    for (int j = 0; j < G; j++) sum += src[j];
+    return sum;
+}
+
 /* codes [rows, k] of b bits (mid = 2^(b-1)), rows <= 16, -> block b of the kernels' layout: above 4 bits centred
  * codes, a run of 4 of each of the block's 16 rows per 64 bytes; at 4 or fewer uncentred nibbles, runs 2j and
  * 2j + 1 in one 64 bytes. And each group's sum of centred codes. Rows past `rows` are zero. */
@@ -208,50 +209,31 @@ static void interleave_block(const uint8_t *codes, int rows, int64_t b, int64_t 
                 for (int j = 0; j < 8; j++)
                     _mm256_storeu_si256((__m256i *)(out + b * 64 * runs + 64 * (j0 + j) + 32 * h), w[j]);
             }
-        for (int r = 0; r < 16; r++)
-            for (int64_t g = 0; g < ng; g++) {
-                int32_t sum = 0;
-                if (G % 32 == 0) { /* vpsadbw: the codes' sums by 8 bytes */
-                    __m256i acc = _mm256_setzero_si256();
-                    for (int j = 0; j < G; j += 32)
-                        acc = _mm256_add_epi64(acc, _mm256_sad_epu8(
-                            _mm256_loadu_si256((const __m256i *)(codes + r * k + g * G + j)), _mm256_setzero_si256()));
-                    const __m128i two = _mm_add_epi64(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
-                    sum = (int32_t)(_mm_cvtsi128_si64(two) + _mm_extract_epi64(two, 1));
-                } else {
-                    for (int j = 0; j < G; j++) sum += codes[r * k + g * G + j];
-                }
-                sums[b * ng * 16 + r + 16 * g] = (int16_t)(sum - G * mid);
-            }
-        return;
-    }
+    } else
 #endif
-    for (int r = 0; r < 16; r++) {
-        uint8_t *dst = out + b * 64 * runs + 4 * r;
-        int16_t *ex = sums + b * ng * 16 + r;
-        if (r >= rows) { /* padding rows: zero codes, zero sums */
-            for (int64_t j = 0; j < runs; j++) memset(dst + 64 * j, 0, 4);
-            for (int64_t g = 0; g < ng; g++) ex[16 * g] = 0;
-            continue;
-        }
-        const uint8_t *src = codes + r * k;
-        if (bits <= 4) /* (the test out of the loops: each is a tight loop of its own) */
-            for (int64_t j = 0; j < runs; j++)
-                for (int q = 0; q < 4; q++)
-                    dst[64 * j + q] = (uint8_t)((src[8 * j + q] & 15) | (src[8 * j + 4 + q] & 15) << 4);
-        else
-            for (int64_t j = 0; j < runs; j++) {
-                uint32_t v;
-                memcpy(&v, src + 4 * j, 4);
-                v = bytes_sub(v, mids);
-                memcpy(dst + 64 * j, &v, 4);
+        for (int r = 0; r < 16; r++) {
+            uint8_t *dst = out + b * 64 * runs + 4 * r;
+            if (r >= rows) { /* padding rows: zero codes, zero sums */
+                for (int64_t j = 0; j < runs; j++) memset(dst + 64 * j, 0, 4);
+                for (int64_t g = 0; g < ng; g++) sums[b * ng * 16 + r + 16 * g] = 0;
+                continue;
             }
-        for (int64_t g = 0; g < ng; g++) {
-            int32_t sum = 0;
-            for (int j = 0; j < G; j++) sum += src[g * G + j];
-            ex[16 * g] = (int16_t)(sum - G * mid);
+            const uint8_t *src = codes + r * k;
+            if (bits <= 4) /* (the test out of the loops: each is a tight loop of its own) */
+                for (int64_t j = 0; j < runs; j++)
+                    for (int q = 0; q < 4; q++)
+                        dst[64 * j + q] = (uint8_t)((src[8 * j + q] & 15) | (src[8 * j + 4 + q] & 15) << 4);
+            else
+                for (int64_t j = 0; j < runs; j++) {
+                    uint32_t v;
+                    memcpy(&v, src + 4 * j, 4);
+                    v = bytes_sub(v, mids);
+                    memcpy(dst + 64 * j, &v, 4);
+                }
         }
-    }
+    for (int r = 0; r < rows; r++)
+        for (int64_t g = 0; g < ng; g++)
+            sums[b * ng * 16 + r + 16 * g] = (int16_t)(group_sum(codes + r * k + g * G, G) - G * mid);
 }
 
 /* codes [n, k] -> the kernels' layout, block by block (interleave_block) */
