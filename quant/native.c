@@ -342,6 +342,14 @@ static void quantise_x(const float *x, int t, int64_t k, int G, uint8_t *xu, flo
     }
 }
 
+/* The codes a row block streams through are asked for PREFETCH bytes before they are read: the hardware's own
+ * prefetcher alone left the AVX2 decode product ~10-15% short of this VM's memory bandwidth (8 experts of
+ * 2048x1024, 8 bits, 2 threads: 2.6 -> 2.2-2.3 ms, median of 8 alternating runs). */
+#define PREFETCH 4096
+static inline __attribute__((always_inline)) void prefetch_ahead(const int8_t *at, int bytes) {
+    for (int c = 0; c < bytes; c += 64) __builtin_prefetch(at + PREFETCH + c);
+}
+
 #if MOED_VNNI
 /* Runs j and j + 1 of codes (w0, w1: 4 codes of each of 16 rows) times activations j and j + 1 of nt tokens (xg,
  * row stride k), into acc (a lone token's run j + 1 into acc2: see qdot_block). */
@@ -428,6 +436,7 @@ static inline __attribute__((always_inline)) void qdot_block(const uint8_t *xu, 
                 __m256i h[8][2];
                 for (int u = 0; u < nt; u++) h[u][0] = h[u][1] = _mm256_setzero_si256();
                 const int j1 = j0 + 4 < G / 4 ? j0 + 4 : G / 4;
+                prefetch_ahead(wg + 32 * j0, 32 * (j1 - j0));
                 for (int j = j0; j < j1; j += 2) {
                     const __m256i p0 = _mm256_loadu_si256((const __m256i *)(wg + 32 * j));
                     const __m256i p1 = _mm256_loadu_si256((const __m256i *)(wg + 32 * j + 32));
@@ -457,6 +466,7 @@ static inline __attribute__((always_inline)) void qdot_block(const uint8_t *xu, 
                 __m256i hi[8][2], lo[8][2];
                 for (int u = 0; u < nt; u++) hi[u][0] = hi[u][1] = lo[u][0] = lo[u][1] = _mm256_setzero_si256();
                 const int j1 = j0 + 8 < G / 4 ? j0 + 8 : G / 4;
+                prefetch_ahead(wg + 64 * j0, 64 * (j1 - j0));
                 for (int j = j0; j < j1; j++) {
                     const __m256i w0 = _mm256_loadu_si256((const __m256i *)(wg + 64 * j));
                     const __m256i w1 = _mm256_loadu_si256((const __m256i *)(wg + 64 * j + 32));
