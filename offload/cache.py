@@ -26,6 +26,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
+import numpy as np
+
 Key = tuple[int, int]
 
 
@@ -56,6 +58,31 @@ class Tier:
     def layer_used(self, layer: int) -> int:
         """Bytes held by one layer's experts."""
         return sum(n for (lay, _), n in self.held.items() if lay == layer)
+
+
+class LayerValues:
+    """A running average per expert, one array per layer: blend(layer, a, values) sets v <- a * values[e] + (1 - a)
+    * v for every expert of the layer at once (absent from values: 0), as a loop over the layer's experts would,
+    number for number; an expert never given a value reads 0."""
+
+    def __init__(self) -> None:
+        self._layers: dict[int, np.ndarray] = {}
+
+    def blend(self, layer: int, a: float, values: Mapping[int, float]) -> None:
+        v = self._layers.get(layer)
+        top = max(values, default=-1) + 1
+        if v is None or len(v) < top:
+            grown = np.zeros(max(top, 0 if v is None else len(v)))
+            if v is not None:
+                grown[:len(v)] = v
+            v = self._layers[layer] = grown
+        v *= 1 - a  # then + a * value where there is one: the same sum, in the other order (exact)
+        if values:
+            v[list(values)] += a * np.fromiter(values.values(), float, len(values))
+
+    def get(self, key: Key) -> float:
+        v = self._layers.get(key[0])
+        return float(v[key[1]]) if v is not None and 0 <= key[1] < len(v) else 0.0
 
 
 # a read ahead evicts what the policy values below the measured chance that a predicted expert is used: the
@@ -164,21 +191,15 @@ class Score(CachePolicy):
     def __init__(self, n_layers: int = 1, alpha: float = 0.5, num_experts: int | None = None) -> None:
         super().__init__(n_layers)
         self.alpha = float(alpha)
-        self.score: dict[Key, float] = {}
-        self.known: dict[int, set[int]] = {}
+        self.score = LayerValues()
 
     def observe(self, layer: int, counts: Mapping[int, int], scores: Mapping[int, float] | None = None) -> None:
         scores = scores if scores is not None else _count_scores(counts)
-        seen = self.known.setdefault(layer, set())
-        seen.update(scores)
-        a = self.alpha
-        for e in seen:  # every expert of the layer decays, the scored ones gain
-            k = (layer, e)
-            self.score[k] = a * scores.get(e, 0.0) + (1 - a) * self.score.get(k, 0.0)
+        self.score.blend(layer, self.alpha, scores)  # every expert of the layer decays, the scored ones gain
         super().observe(layer, counts, scores)
 
     def rank(self, key: Key) -> float:
-        return self.score.get(key, 0.0)
+        return self.score.get(key)
 
 
 class Moed(CachePolicy):
@@ -199,9 +220,8 @@ class Moed(CachePolicy):
                  fast: float = 0.5) -> None:
         super().__init__(n_layers)
         self.slow, self.beta, self.eps, self.fast = float(slow), float(beta), float(eps), float(fast)
-        self.freq: dict[Key, float] = {}  # average of "used at this routing" over the layer's routings
-        self.recent: dict[Key, float] = {}  # HybriMoE's score
-        self.known: dict[int, set[int]] = {}
+        self.freq = LayerValues()  # average of "used at this routing" over the layer's routings
+        self.recent = LayerValues()  # HybriMoE's score
         self.last: dict[int, frozenset[int]] = {}  # each layer's experts at its last routing
         self.repeat: dict[int, float] = {}  # each layer's observed repeat rate
 
@@ -213,19 +233,14 @@ class Moed(CachePolicy):
             again = len(prev & used) / len(prev)
             self.repeat[layer] = (1 - self.beta) * self.repeat.get(layer, again) + self.beta * again
         self.last[layer] = used
-        seen = self.known.setdefault(layer, set())
-        seen.update(used)
-        seen.update(scores)
-        for e in seen:
-            k = (layer, e)
-            self.freq[k] = self.slow * (e in used) + (1 - self.slow) * self.freq.get(k, 0.0)
-            self.recent[k] = self.fast * scores.get(e, 0.0) + (1 - self.fast) * self.recent.get(k, 0.0)
+        self.freq.blend(layer, self.slow, dict.fromkeys(used, 1.0))
+        self.recent.blend(layer, self.fast, scores)
         super().observe(layer, counts, scores)
 
     def worth(self, key: Key) -> float:
         """Estimated chance that the expert is used at its layer's next routing (plus the tie-break)."""
         again = self.repeat.get(key[0], 0.0) if key[1] in self.last.get(key[0], ()) else 0.0
-        return max(self.freq.get(key, 0.0), again) + self.eps * self.recent.get(key, 0.0)
+        return max(self.freq.get(key), again) + self.eps * self.recent.get(key)
 
     def rank(self, key: Key) -> float:
         return self.worth(key)
