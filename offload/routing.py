@@ -20,9 +20,8 @@ def group_by_expert(routing: Routing) -> list[tuple[int, torch.Tensor, torch.Ten
     """(expert, token indices, weights) for every expert that got tokens, ascending expert id."""
     flat = routing.experts.reshape(-1)
     if flat.numel() == 1 or routing.experts.shape[0] == 1:  # one token: no sorting needed
-        ids = flat.tolist()
         zero = torch.zeros(1, dtype=torch.long, device=flat.device)
-        return [(e, zero, routing.weights[0, k:k + 1]) for k, e in enumerate(ids)]
+        return [(e, zero, w) for e, w in zip(flat.tolist(), routing.weights.reshape(-1, 1).unbind(0))]
     order = flat.argsort(stable=True)
     counts = torch.bincount(flat, minlength=1).tolist()
     k = routing.experts.shape[1]

@@ -329,13 +329,14 @@ class TieredExperts:
             busy += time.perf_counter() - self._link_since[link]
         self.links[link] = LinkView(k.source, k.target, k.bytes_moved + nbytes, k.transfers + (nbytes > 0), busy)
 
-    def _unpin(self, key: Key) -> None:
-        """One use of a pinned expert has ended (lock held)."""
-        n = self._pinned.get(key, 0) - 1
-        if n > 0:
-            self._pinned[key] = n
-        else:
-            self._pinned.pop(key, None)
+    def _unpin(self, *keys: Key) -> None:
+        """One use of each of these pinned experts has ended (lock held)."""
+        for key in keys:
+            n = self._pinned.get(key, 0) - 1
+            if n > 0:
+                self._pinned[key] = n
+            else:
+                self._pinned.pop(key, None)
         self._cv.notify_all()
 
     def _evict(self, tier: str, key: Key) -> None:
@@ -570,8 +571,13 @@ class LayerExperts:
         p, layer, bits = self.p, self.layer, self.p.bits
         if layer == p.moe_layers[0]:
             p.step()
-        groups = group_by_expert(routing)
-        counts = {e: int(tok.numel()) for e, tok, _ in groups}
+        one = x.shape[0] == 1
+        if one:  # one token: its k experts (distinct) in routing order, one use each
+            groups, order = [], routing.experts[0].tolist()
+            counts = dict.fromkeys(order, 1)
+        else:
+            groups = group_by_expert(routing)
+            order, counts = [e for e, _, _ in groups], {e: int(tok.numel()) for e, tok, _ in groups}
         with p._cv:
             p.policy.observe(layer, counts, _router_scores(routing))
             if pred := p._predicted.pop(layer, None):  # how good the read ahead's prediction for this layer was
@@ -607,20 +613,22 @@ class LayerExperts:
             after.append(_Once(fn, *args))
             f.add_done_callback(after[-1])
 
-        def unpin(e: int) -> None:  # once per expert, whichever comes first: its use ending or an error
-            with p._cv:
-                if e not in unpinned:
-                    unpinned.add(e)
-                    p._unpin((layer, e))
+        def unpin(*es: int) -> None:  # once per expert, whichever comes first: its use ending or an error
+            if es:
+                with p._cv:  # (callbacks on other threads unpin too: checked and marked under the lock)
+                    if es := [e for e in es if e not in unpinned]:
+                        unpinned.update(es)
+                        p._unpin(*((layer, e) for e in es))
 
+        fetches: dict[int, Future] = {}
         try:
             rows = {e: tok for e, tok, _ in groups}
 
             def inp(e: int) -> torch.Tensor:
-                return x if x.shape[0] == 1 else x[rows[e]]  # one token: every expert's input is x itself
+                return x if one else x[rows[e]]  # one token: every expert's input is x itself
 
-            fetches = {e: p._io.submit(_after, p._inflight.get((layer, e)), p._fetch, (layer, e), bits)
-                       for e in reads}
+            fetches.update((e, p._io.submit(_after, p._inflight.get((layer, e)), p._fetch, (layer, e), bits))
+                           for e in reads)
             for e in accel:
                 done[e] = p.accel.ffn(inp(e), held[e].form)
                 done[e].add_done_callback(lambda _f, e=e: unpin(e))
@@ -653,14 +661,13 @@ class LayerExperts:
                 """Resident experts one after another on one thread (one token: one backend call, split over the
                 backend's own threads with `parallel`); unpinned once all have run."""
                 try:
-                    if x.shape[0] == 1:
+                    if one:
                         return dict(zip(part, cpu.ffn_many(x, [held[e].form for e in part], parallel)))
                     return {e: cpu.ffn(inp(e), held[e].form) for e in part}
                 finally:
-                    for e in part:
-                        unpin(e)
+                    unpin(*part)
 
-            together = x.shape[0] == 1 and cpu.threads_inside and not missing and not accel
+            together = one and cpu.threads_inside and not missing and not accel
             if together:  # one token, nothing to wait for: one call, split over the backend's own threads
                 shares, inline = [], ram
             else:  # resident experts: one share per worker (one hand-off each, not one per expert); with nothing
@@ -679,10 +686,11 @@ class LayerExperts:
                 h = None  # (each streamed expert's form is freed once it has run and is not kept)
             for part in parts:
                 ran.update(part.result() if isinstance(part, Future) else part)
-            ys = [(ran[e] if e in ran else done[e].result() if isinstance(done[e], Future) else done[e])
-                  .to(device=x.device, dtype=x.dtype) for e, _, _ in groups]
-            if x.shape[0] == 1:  # one token: its k outputs weighted and summed as one product, not k adds
-                out = torch.mm(torch.cat([wt for _, _, wt in groups])[None], torch.cat(ys))
+            ys = [ran[e] if e in ran else done[e].result() if isinstance(done[e], Future) else done[e] for e in order]
+            ys = [y if y.dtype == x.dtype and y.device == x.device else y.to(device=x.device, dtype=x.dtype)
+                  for y in ys]
+            if one:  # one token: its k outputs weighted and summed as one product, not k adds
+                out = torch.mm(routing.weights.reshape(1, -1), torch.cat(ys))
             else:
                 out = torch.zeros_like(x)
                 for (_, tok, wt), y in zip(groups, ys):  # ascending expert id, wherever each ran
@@ -693,16 +701,16 @@ class LayerExperts:
             return out
         finally:
             # nothing of this layer runs on after it: every computation ends, and what follows each has run
-            wait([f for f in done.values() if isinstance(f, Future)])
+            if futures := [f for f in done.values() if isinstance(f, Future)]:
+                wait(futures)
             for follow in after:
                 follow()
-            for e, f in fetches.items() if "fetches" in locals() else ():  # after an error: settle the reads
+            for e, f in fetches.items():  # after an error: settle the reads
                 try:
                     p._keep((layer, e), f.result())
                 except Exception:  # noqa: BLE001 - the first error is the one raised
                     pass
-            for e in ram:
-                unpin(e)
+            unpin(*ram)
             for e in staged:  # a planned copy never submitted (an error came first): its room and pin go back
                 if e not in done:
                     with p._cv:
@@ -820,6 +828,8 @@ def _router_scores(routing) -> dict[int, float]:
     probs = routing.logits.float().softmax(-1)
     k = min(2 * routing.experts.shape[-1], probs.shape[-1])
     p, idx = probs.topk(k, dim=-1)
+    if probs.shape[0] == 1:  # one token: its own top 2k
+        return {e: v for e, v in sorted(zip(idx[0].tolist(), p[0].tolist())) if v > 0}
     acc = torch.zeros(probs.shape[-1]).index_add_(0, idx.reshape(-1), p.reshape(-1)) / probs.shape[0]
     return {e: v for e, v in enumerate(acc.tolist()) if v > 0}
 

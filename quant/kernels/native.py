@@ -19,7 +19,7 @@ import itertools
 import sys
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -48,10 +48,14 @@ class NativeTerm:
     offset: np.ndarray
     sums: np.ndarray
     bits: int  # <= 4: codes two to a byte (nibbles), uncentred
+    ptrs: tuple[int, int, int, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:  # (an array's .ctypes.data takes microseconds: asked once)
+        object.__setattr__(self, "ptrs", tuple(a.ctypes.data for a in (self.codes, self.scale, self.offset, self.sums)))
 
     def args(self) -> tuple[int, int, int, int]:
         """The kernel's pointers to codes, scale, offset and sums."""
-        return self.codes.ctypes.data, self.scale.ctypes.data, self.offset.ctypes.data, self.sums.ctypes.data
+        return self.ptrs
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,15 +210,15 @@ class Native(PooledBackend, name="native"):
                                   for (c, u, s, o), b in zip(zip(*[iter(arrays)] * 4), bits)), n, k, g)
 
     def linear(self, x: torch.Tensor, form: NativeMatrix) -> torch.Tensor:
-        xs = _as_array(x)
-        t = xs.shape[0]
-        y = np.empty((t, form.n), dtype=np.float32)
+        x = _f32(x)
+        t = x.shape[0]
+        y = torch.empty(t, form.n)
         threads = self.threads if form.n * form.k >= SPLIT_CODES else 1
         lib = native.library()
         for i, term in enumerate(form.terms):
-            lib.moed_qgemm_mt(xs.ctypes.data, t, *term.args(), form.n, form.k, form.group, term.bits, 0, form.blocks,
-                              y.ctypes.data, form.n, int(i > 0), threads)
-        return torch.from_numpy(y)
+            lib.moed_qgemm_mt(x.data_ptr(), t, *term.ptrs, form.n, form.k, form.group, term.bits, 0, form.blocks,
+                              y.data_ptr(), form.n, int(i > 0), threads)
+        return y
 
     def form_nbytes(self, form: NativeMatrix) -> int:
         return form.nbytes
@@ -259,12 +263,12 @@ class Native(PooledBackend, name="native"):
         if len(one) < len(experts):  # several terms a matrix (or another width): three linears; the rest one call
             ys = dict(zip(map(id, one), self.ffn_many(x, one, parallel)))
             return [ys[id(e)] if id(e) in ys else super(Native, self).ffn(x, e) for e in experts]
-        xs = _as_array(x)
-        y = np.empty((len(experts), xs.shape[0], d), dtype=np.float32)
+        x = _f32(x)
+        y = torch.empty(len(experts), x.shape[0], d)
         calls = (native.Expert * len(experts))(*(e.call for e in experts))
-        native.library().moed_ffn_many_mt(xs.ctypes.data, xs.shape[0], len(experts), ctypes.addressof(calls),
-                                          y.ctypes.data, self.threads if parallel else 1)
-        return list(torch.from_numpy(y).unbind(0))
+        native.library().moed_ffn_many_mt(x.data_ptr(), x.shape[0], len(experts), ctypes.addressof(calls),
+                                          y.data_ptr(), self.threads if parallel else 1)
+        return list(y.unbind(0))
 
 
 def _packed_count(n: int, k: int, bits: int) -> int:
@@ -287,8 +291,8 @@ def _form_bytes(view: QuantView) -> int:
                for count, dtype in _form_arrays(n, k, view.group, [t.bits for t in view.terms]))
 
 
-def _as_array(x: torch.Tensor) -> np.ndarray:
-    """x as a C-contiguous float32 array (no copy when it is one already)."""
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """x as a contiguous float32 tensor on the CPU with no grad (itself when it is one already)."""
     if x.dtype != torch.float32 or not x.is_contiguous() or x.requires_grad:
         x = x.detach().float().contiguous()
-    return x.numpy()
+    return x
