@@ -81,6 +81,10 @@ class Sampler:
         """Next token id from logits [V] given all ids so far (prompt and output)."""
         logits = self.process(logits, history)
         if self.p.temperature == 0:
+            if logits.device.type == "cpu" and logits.dtype == torch.float32:
+                # numpy's argmax: the same first largest (or first NaN) index, ~20x faster than torch's on the CPU
+                # (6 against 113 us over a 50k vocabulary here: half a percent of a decode token)
+                return int(logits.contiguous().numpy().argmax())
             return int(logits.argmax())
         probs = logits.softmax(-1)
         return int(torch.multinomial(probs.cpu(), 1, generator=self.gen))

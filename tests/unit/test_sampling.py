@@ -53,6 +53,16 @@ def test_greedy_picks_argmax_and_penalty_applies():
     assert Sampler(SamplingParams(repetition_penalty=1.2))(logits, [1]) == 2
 
 
+def test_greedy_is_torch_argmax_on_ties_nan_and_views():
+    """Greedy picks what torch.argmax picks (first of equal largest; a NaN), on contiguous logits and views."""
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.randn(50304, generator=g), torch.zeros(7), torch.tensor([1.0, 3.0, 3.0, 2.0]),
+             torch.tensor([1.0, float("nan"), 5.0, float("nan")]), torch.tensor([-float("inf"), -1.0]),
+             torch.randn(3, 64, generator=g)[:, 5], torch.randn(4, 9, generator=g)[-1]]
+    for x in cases:
+        assert Sampler(SamplingParams())(x, []) == int(torch.argmax(x)), x
+
+
 def test_seeded_sampling_is_reproducible_and_follows_distribution():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.2]))
     draws = [Sampler(SamplingParams(temperature=1.0, seed=s))(logits, []) for s in range(3000)]
