@@ -129,8 +129,7 @@ class CausalLM(nn.Module):
         """Final-norm hidden states [B, T, D] for tokens [B, T] after the cached ones."""
         t = tokens.shape[1]
         start = cache.length
-        pos = torch.arange(start, start + t, device=tokens.device)
-        cos, sin = self.rope.tables(pos)
+        cos, sin = self.rope.span(start, t, tokens.device)
         a = AttnInputs(cos, sin, causal_mask(t, start, tokens.device, self.sliding_window), cache)
         x = self._layers(self.model.embed_tokens(tokens), a)
         cache.advance(t)

@@ -68,3 +68,14 @@ def test_native_rms_norm_matches_torch(lib, monkeypatch):
         strided = torch.randn(3, 7, 192)[..., ::2]
         assert torch.allclose(norm(strided), norm.weight * torch.nn.functional.rms_norm(strided, (96,), None, 1e-5))
         assert not calls
+
+
+def test_rope_span_is_tables_across_growth():
+    """Rows of the kept tables (grown as positions advance) are the tables computed for those positions."""
+    rope = Rope(128, 10000.0)
+    for start, n in ((0, 16), (16, 1), (63, 2), (64, 1), (200, 57), (5, 3), (1000, 1)):
+        cos, sin = rope.span(start, n, torch.device("cpu"))
+        ref_cos, ref_sin = rope.tables(torch.arange(start, start + n))
+        torch.testing.assert_close(cos, ref_cos, rtol=0, atol=1e-6)
+        torch.testing.assert_close(sin, ref_sin, rtol=0, atol=1e-6)
+    assert rope.span(0, 1, torch.device("cpu"))[0].shape == (1, 128)
