@@ -697,6 +697,71 @@ static void rope(const float *x, const float *cos, const float *sin, int d, floa
     }
 }
 
+typedef struct {
+    const float *q, *cos, *sin, *kcache, *vcache;
+    int64_t cap, n;
+    int H, Hkv, d;
+    float scale;
+    float *out;
+} attn_job;
+
+/* Heads part * H / parts .. (part + 1) * H / parts - 1 of moed_decode_attention, the cache already written. Scores
+ * are taken four positions at a time: four independent sums, not one chain of dependent multiply-adds a position. */
+static void attn_part(void *arg, int part, int parts) {
+    const attn_job *j = arg;
+    const int64_t n = j->n, d = j->d;
+    float *qr = malloc(sizeof(float) * (size_t)(d + n));
+    float *p = qr + d;
+    for (int h = j->H * part / parts; h < j->H * (part + 1) / parts; h++) {
+        const int kv = h / (j->H / j->Hkv);
+        const float *kj = j->kcache + (int64_t)kv * j->cap * d, *vj = j->vcache + (int64_t)kv * j->cap * d;
+        rope(j->q + (int64_t)h * d, j->cos, j->sin, (int)d, qr);
+        int64_t t = 0;
+        for (; t + 4 <= n; t += 4) {
+            const float *k0 = kj + t * d, *k1 = k0 + d, *k2 = k1 + d, *k3 = k2 + d;
+            float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+            for (int64_t i = 0; i < d; i++) {
+                s0 += qr[i] * k0[i];
+                s1 += qr[i] * k1[i];
+                s2 += qr[i] * k2[i];
+                s3 += qr[i] * k3[i];
+            }
+            p[t] = s0 * j->scale;
+            p[t + 1] = s1 * j->scale;
+            p[t + 2] = s2 * j->scale;
+            p[t + 3] = s3 * j->scale;
+        }
+        for (; t < n; t++) {
+            float s = 0.f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t i = 0; i < d; i++) s += qr[i] * kj[t * d + i];
+            p[t] = s * j->scale;
+        }
+        float top = -INFINITY, sum = 0.f;
+        for (t = 0; t < n; t++) top = fmaxf(top, p[t]);
+        for (t = 0; t < n; t++) {
+            p[t] = expf(p[t] - top);
+            sum += p[t];
+        }
+        float *o = j->out + (int64_t)h * d;
+        for (int64_t i = 0; i < d; i++) o[i] = 0.f;
+        for (t = 0; t < n; t++) {
+            const float w = p[t] / sum;
+            const float *vt = vj + t * d;
+#pragma omp simd
+            for (int64_t i = 0; i < d; i++) o[i] += w * vt[i];
+        }
+    }
+    free(qr);
+}
+
+static int pool_threads(void);
+
+/* A context at least this long (positions x heads x head width multiply-adds, twice) splits its heads over the
+ * threads the kernels have started: a few thousand positions would otherwise take milliseconds a layer. */
+#define ATTN_SPLIT (1L << 18)
+
 void moed_decode_attention(const float *q, const float *k, const float *v, const float *cos, const float *sin,
                            float *kcache, float *vcache, int64_t cap, int64_t pos, int H, int Hkv, int d,
                            float scale, float *out) {
@@ -704,34 +769,11 @@ void moed_decode_attention(const float *q, const float *k, const float *v, const
         rope(k + (int64_t)j * d, cos, sin, d, kcache + ((int64_t)j * cap + pos) * d);
         memcpy(vcache + ((int64_t)j * cap + pos) * d, v + (int64_t)j * d, sizeof(float) * (size_t)d);
     }
-    const int64_t n = pos + 1;
-    float *qr = malloc(sizeof(float) * (size_t)(d + n));
-    float *p = qr + d;
-    for (int h = 0; h < H; h++) {
-        const int j = h / (H / Hkv);
-        const float *kj = kcache + (int64_t)j * cap * d, *vj = vcache + (int64_t)j * cap * d;
-        rope(q + (int64_t)h * d, cos, sin, d, qr);
-        float top = -INFINITY;
-        for (int64_t t = 0; t < n; t++) {
-            float s = 0.f;
-#pragma omp simd reduction(+ : s)
-            for (int i = 0; i < d; i++) s += qr[i] * kj[t * d + i];
-            p[t] = s * scale;
-            top = fmaxf(top, p[t]);
-        }
-        float sum = 0.f;
-        for (int64_t t = 0; t < n; t++) {
-            p[t] = expf(p[t] - top);
-            sum += p[t];
-        }
-        float *o = out + (int64_t)h * d;
-        for (int i = 0; i < d; i++) o[i] = 0.f;
-        for (int64_t t = 0; t < n; t++) {
-            const float w = p[t] / sum;
-            for (int i = 0; i < d; i++) o[i] += w * vj[t * d + i];
-        }
-    }
-    free(qr);
+    attn_job job = {q, cos, sin, kcache, vcache, cap, pos + 1, H, Hkv, d, scale, out};
+    int parts = pool_threads();
+    if (parts > H) parts = H;
+    if (parts <= 1 || (pos + 1) * H * d < ATTN_SPLIT || !try_run_parts(attn_part, &job, parts))
+        attn_part(&job, 0, 1);
 }
 
 /* out [n] = x / sqrt(mean(x^2) + eps) * w (w may be NULL: 1), for `rows` rows of n */
@@ -778,6 +820,9 @@ static struct {
     void *arg;
     int parts;
 } pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, PTHREAD_MUTEX_INITIALIZER, 0, 0, 0, 0, 0, 0, 0, 0};
+
+/* Threads a job may be split over now: the caller and the workers started so far (none: 1). */
+static int pool_threads(void) { return pool.pid == getpid() ? pool.n + 1 : 1; }
 
 /* The workers stop spinning until the next job. */
 void moed_park(void) { atomic_store_explicit(&pool.parked, 1, memory_order_relaxed); }

@@ -22,14 +22,27 @@ def lib():
     return got
 
 
-@pytest.mark.parametrize("heads,kv_heads,d", [(8, 2, 64), (4, 4, 32), (6, 1, 128)])
-def test_native_decode_attention_matches_the_torch_path(lib, heads, kv_heads, d, monkeypatch):
+@pytest.mark.parametrize("heads,kv_heads,d,prompt_len", [(8, 2, 64, 5), (4, 4, 32, 5), (6, 1, 128, 5),
+                                                         (16, 4, 128, 301), (5, 5, 64, 1030)])
+def test_native_decode_attention_matches_the_torch_path(lib, heads, kv_heads, d, prompt_len, monkeypatch):
     """Prefill in torch, then decode steps in both paths from the same cache: outputs within 1e-5 and the
-    cache holds the same keys and values; positions past the cache's capacity grow it on both paths."""
+    cache holds the same keys and values; positions past the cache's capacity grow it on both paths. The long
+    prompts (positions not a multiple of the four scored at once) split their heads over the kernels' threads,
+    started here by a large product."""
+    from quant.groups import quantize
+    from quant.kernels.native import Native
+    from quant.views import AffineTerm, QuantView
+
+    if prompt_len > 5:  # the native threads exist once a product has been split over them
+        be = Native(2)
+        q = quantize(torch.randn(1024, 1024), 8, 128)
+        be.linear(torch.randn(1, 1024), be.prepare(QuantView((AffineTerm(q.codes, 8, q.scale.float(),
+                                                                         q.minimum.float()),), 8, 128)))
     g = torch.Generator().manual_seed(heads * d)
     attn = Attention(0, heads * d, heads, kv_heads, d)
     rope = Rope(d, 10000.0)
-    caches = {"native": KVCache(1, capacity=8), "torch": KVCache(1, capacity=8)}
+    cap = prompt_len + 3
+    caches = {"native": KVCache(1, capacity=cap), "torch": KVCache(1, capacity=cap)}
 
     def step(cache: KVCache, t: int, x: tuple, use_native: bool) -> torch.Tensor:
         pos = torch.arange(cache.length, cache.length + t)
@@ -40,10 +53,10 @@ def test_native_decode_attention_matches_the_torch_path(lib, heads, kv_heads, d,
         cache.advance(t)
         return out
 
-    prompt = tuple(torch.randn(1, 5, h, d, generator=g) for h in (heads, kv_heads, kv_heads))
+    prompt = tuple(torch.randn(1, prompt_len, h, d, generator=g) for h in (heads, kv_heads, kv_heads))
     for name, cache in caches.items():
-        step(cache, 5, prompt, False)
-    for _ in range(6):  # positions 5..10: the capacity of 8 is outgrown on the way
+        step(cache, prompt_len, prompt, False)
+    for _ in range(6):  # the capacity of prompt_len + 3 is outgrown on the way
         x = tuple(torch.randn(1, 1, h, d, generator=g) for h in (heads, kv_heads, kv_heads))
         got, want = step(caches["native"], 1, x, True), step(caches["torch"], 1, x, False)
         assert got.shape == want.shape == (1, 1, heads * d)
