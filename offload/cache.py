@@ -72,7 +72,7 @@ class LayerValues:
         v = self._layers.get(layer)
         top = max(values, default=-1) + 1
         if v is None or len(v) < top:
-            grown = np.zeros(max(top, 0 if v is None else len(v)))
+            grown = np.zeros(top)
             if v is not None:
                 grown[:len(v)] = v
             v = self._layers[layer] = grown

@@ -686,9 +686,8 @@ class LayerExperts:
                 h = None  # (each streamed expert's form is freed once it has run and is not kept)
             for part in parts:
                 ran.update(part.result() if isinstance(part, Future) else part)
-            ys = [ran[e] if e in ran else done[e].result() if isinstance(done[e], Future) else done[e] for e in order]
-            ys = [y if y.dtype == x.dtype and y.device == x.device else y.to(device=x.device, dtype=x.dtype)
-                  for y in ys]
+            ys = [(ran[e] if e in ran else done[e].result() if isinstance(done[e], Future) else done[e])
+                  .to(device=x.device, dtype=x.dtype) for e in order]
             if one:  # one token: its k outputs weighted and summed as one product, not k adds
                 out = torch.mm(routing.weights.reshape(1, -1), torch.cat(ys))
             else:
@@ -829,7 +828,7 @@ def _router_scores(routing) -> dict[int, float]:
     k = min(2 * routing.experts.shape[-1], probs.shape[-1])
     p, idx = probs.topk(k, dim=-1)
     if probs.shape[0] == 1:  # one token: its own top 2k
-        return {e: v for e, v in sorted(zip(idx[0].tolist(), p[0].tolist())) if v > 0}
+        return {e: v for e, v in zip(idx[0].tolist(), p[0].tolist()) if v > 0}
     acc = torch.zeros(probs.shape[-1]).index_add_(0, idx.reshape(-1), p.reshape(-1)) / probs.shape[0]
     return {e: v for e, v in enumerate(acc.tolist()) if v > 0}
 

@@ -345,10 +345,12 @@ static void quantise_x(const float *x, int t, int64_t k, int G, uint8_t *xu, flo
 /* The codes a row block streams through are asked for PREFETCH bytes before they are read: the hardware's own
  * prefetcher alone left the AVX2 decode product ~10-15% short of this VM's memory bandwidth (8 experts of
  * 2048x1024, 8 bits, 2 threads: 2.6 -> 2.2-2.3 ms, median of 8 alternating runs). */
+#if MOED_AVX2
 #define PREFETCH 4096
 static inline __attribute__((always_inline)) void prefetch_ahead(const int8_t *at, int bytes) {
     for (int c = 0; c < bytes; c += 64) __builtin_prefetch(at + PREFETCH + c);
 }
+#endif
 
 #if MOED_VNNI
 /* Runs j and j + 1 of codes (w0, w1: 4 codes of each of 16 rows) times activations j and j + 1 of nt tokens (xg,

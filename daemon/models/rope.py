@@ -29,7 +29,8 @@ class Rope:
     max_positions: int = 4096
     inv_freq: torch.Tensor = field(init=False, repr=False)
     attention_factor: float = field(init=False, default=1.0)
-    _cache: dict = field(init=False, repr=False, default_factory=dict)
+    _cache: dict = field(init=False, repr=False, default_factory=dict)  # inv_freq per device
+    _tables: dict = field(init=False, repr=False, default_factory=dict)  # span's cos, sin per device
 
     def __post_init__(self) -> None:
         # explicit CPU device: models are built on the meta device
@@ -46,31 +47,22 @@ class Rope:
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, dim] for integer positions [T]."""
-        return self._compute(positions)
-
-    def span(self, start: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [n, dim] for positions start..start+n-1: views of tables kept for the positions so far (a
-        decode step's rows without the seven small ops that computing them takes, ~45 us on a CPU); the same
-        numbers as tables() to float rounding (the same elementwise ops, over a longer row)."""
-        cos, sin = self._upto(start + n, device)
-        return cos[start:start + n], sin[start:start + n]
-
-    def _upto(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The tables kept for `device`, grown (to twice what they held, or n) to cover positions below n."""
-        kept = self._cache.get(("tables", device))
-        if kept is None or kept[0].shape[0] < n:
-            have = 0 if kept is None else kept[0].shape[0]
-            kept = self._cache[("tables", device)] = self._compute(
-                torch.arange(max(n, 2 * have, 64), device=device))
-        return kept
-
-    def _compute(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inv = self._cache.get(positions.device)
         if inv is None:
             inv = self._cache[positions.device] = self.inv_freq.to(positions.device)
         freqs = positions.float()[:, None] * inv[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
+
+    def span(self, start: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [n, dim] for positions start..start+n-1: views of tables kept for the positions so far (a
+        decode step's rows without the seven small ops that computing them takes, ~45 us on a CPU); the same
+        numbers as tables() to float rounding (the same elementwise ops, over a longer row)."""
+        kept = self._tables.get(device)
+        if kept is None or kept[0].shape[0] < start + n:  # grown to twice what it held, or what is asked
+            have = 0 if kept is None else kept[0].shape[0]
+            kept = self._tables[device] = self.tables(torch.arange(max(start + n, 2 * have, 64), device=device))
+        return kept[0][start:start + n], kept[1][start:start + n]
 
 
 def _yarn(inv_freq: torch.Tensor, dim: int, base: float, cfg: dict,

@@ -48,14 +48,15 @@ class NativeTerm:
     offset: np.ndarray
     sums: np.ndarray
     bits: int  # <= 4: codes two to a byte (nibbles), uncentred
-    ptrs: tuple[int, int, int, int] = field(init=False, repr=False, compare=False)
+    _ptrs: tuple[int, int, int, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:  # (an array's .ctypes.data takes microseconds: asked once)
-        object.__setattr__(self, "ptrs", tuple(a.ctypes.data for a in (self.codes, self.scale, self.offset, self.sums)))
+        arrays = (self.codes, self.scale, self.offset, self.sums)
+        object.__setattr__(self, "_ptrs", tuple(a.ctypes.data for a in arrays))
 
     def args(self) -> tuple[int, int, int, int]:
         """The kernel's pointers to codes, scale, offset and sums."""
-        return self.ptrs
+        return self._ptrs
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,7 +217,7 @@ class Native(PooledBackend, name="native"):
         threads = self.threads if form.n * form.k >= SPLIT_CODES else 1
         lib = native.library()
         for i, term in enumerate(form.terms):
-            lib.moed_qgemm_mt(x.data_ptr(), t, *term.ptrs, form.n, form.k, form.group, term.bits, 0, form.blocks,
+            lib.moed_qgemm_mt(x.data_ptr(), t, *term.args(), form.n, form.k, form.group, term.bits, 0, form.blocks,
                               y.data_ptr(), form.n, int(i > 0), threads)
         return y
 
