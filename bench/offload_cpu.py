@@ -75,7 +75,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench._common import (MODEL_NAMES, SHAPES, WorkerError, gguf_file, llama_decode, llama_prefill,  # noqa: E402
                            machine, prompt_tokens, random_model, run_worker)
-from offload.manifest import MANIFEST  # noqa: E402
+from offload.manifest import EXPERTS, MANIFEST  # noqa: E402
 from quant import native  # noqa: E402
 
 if TYPE_CHECKING:
@@ -97,6 +97,7 @@ MARGIN_SHARE, MIN_MARGIN = 0.25, 300 << 20
 LLAMA_QTYPES = {4: "Q4_0"}
 CGROUP_V1 = Path("/sys/fs/cgroup/memory")
 MiB = 1 << 20
+PROBE_READS = 24  # cold reads of an expert timed for the bound on every policy (add_bounds)
 
 
 def dense_bits(bits: int | str) -> int:
@@ -583,6 +584,11 @@ def llama_replay(share: float, cap: int | None, footprint: int | None, files: Fi
     return "llamacpp", int(share * n_total), "static placement of the budget's share"
 
 
+def room_of(run: dict, n_total: int) -> int:
+    """Experts a moed run's RAM budget holds."""
+    return min(n_total, run["ram_budget"] // run["expert_bytes"])
+
+
 def run_budget(setup: Setup, share: float, base: dict, moed_budget: str, policies: list[str], trace: Trace,
                sims: dict[str, Machine], extra_bits: list[str], fill: float = 0.0,
                llama_base: int | None = None) -> dict:
@@ -617,8 +623,7 @@ def run_budget(setup: Setup, share: float, base: dict, moed_budget: str, policie
     replayed: list[tuple[dict, str, int]] = []
 
     def room(r: dict) -> int:
-        """Experts a run's RAM budget holds."""
-        return min(n_total, r["ram_budget"] // r["expert_bytes"]) if r.get("status") == "ok" else held
+        return room_of(r, n_total) if r.get("status") == "ok" else held
 
     def moed(policy: str, bits: int | str = BITS) -> dict:
         """The next moed run: predicted (where the simulator has its policy) from the model as the runs before it
@@ -652,6 +657,43 @@ def run_budget(setup: Setup, share: float, base: dict, moed_budget: str, policie
             "llama.cpp": llama, "llama.cpp more": llama_more, "moed": runs}
 
 
+def probe_expert_reads(store: Path, nbytes: int, repeats: int = PROBE_READS) -> dict:
+    """Cold reads of one expert's bytes at a time from the store's experts file (profiler.flash.FlashProbe:
+    O_DIRECT, or reads of ranges dropped from the page cache), at random offsets: their fastest and median."""
+    from profiler.flash import ALIGN, FlashProbe
+
+    probe = FlashProbe(store / EXPERTS)
+    size = -(-nbytes // ALIGN) * ALIGN
+    secs = sorted(r.seconds for r in probe.run([size], repeats))
+    return {"bytes": size, "reads": repeats, "method": probe.method, "fastest_s": secs[0],
+            "median_s": statistics.median(secs)}
+
+
+def add_bounds(budgets: list[dict], trace: Trace, read_s: float) -> None:
+    """Each moed run at BITS gets `bound`: the fastest decode any cache policy could reach with the room the run
+    had. Its misses are the fewest possible on the trace's decode steps (profiler.tracestats.fewest_misses: the
+    future known, any preload, a missed expert used without being kept), each read at `read_s` (the fastest
+    probed read), the reads wholly overlapped with the rest of the step, which takes at least the fastest moed
+    run with every expert held (the 100% budget's; none: reads only)."""
+    from profiler.tracestats import fewest_misses, model_accesses
+
+    shape = trace.header.model
+    n_total = shape.num_experts * len(shape.moe_layers)
+    seq = model_accesses(trace, decode_only=True)
+    steps = sum(1 for s in trace.steps if s.tokens == 1)
+    held = [1 / r["decode_tps"] for b in budgets if b["share"] >= 1 for r in b["moed"].values()
+            if r["status"] == "ok" and r["bits"] == BITS and r["decode_tps"]]
+    resident = min(held, default=0.0)
+    for b in budgets:
+        for r in b["moed"].values():
+            if r["status"] != "ok" or r["bits"] != BITS:
+                continue
+            n = room_of(r, n_total)
+            misses = fewest_misses(seq, n) / steps
+            r["bound"] = {"experts_held": n, "misses_per_token": misses, "read_s": read_s, "resident_s": resident,
+                          "per_token_s": max(resident, misses * read_s)}
+
+
 def model_record(f: Files, quick: bool, moed_expert: int) -> dict:
     """The model's shapes, files and per-expert bytes for the results."""
     cfg = f.config
@@ -679,14 +721,17 @@ def _cells(name: str, r: dict, llama_tps: float | None, same_tps: float | None, 
             e = sim.get("relative_error")
             sim_cells += [f"{sim['predicted_s'] * 1e3:.1f}", f"{e:+.0%}" if e is not None else "-"]
     if r["status"] != "ok":
-        return [name, r["status"], "-", "-", "-", "-", "-", "-", sim_cells[0], "-", sim_cells[2], "-"]
+        return [name, r["status"], "-", "-", "-", "-", "-", "-", sim_cells[0], "-", sim_cells[2], "-", "-"]
+    bound = r.get("bound")
+    best = "-" if bound is None else (f"{1 / bound['per_token_s']:.1f}"
+                                      + (f" ({llama_tps * bound['per_token_s']:.2f}x)" if llama_tps else ""))
     read = r.get("disk_read_bytes") if name.startswith("llama.cpp") else r["bytes_read"]
     ratio = f"{r['decode_tps'] / llama_tps:.2f}x" if llama_tps else "-"
     same = f"{r['decode_tps'] / same_tps:.2f}x" if same_tps and not name.startswith("llama.cpp") else "-"
     hit = f"{r['hit_rate']:.2f}" if "hit_rate" in r else "-"
     cap_s = f"{cap / MiB:.0f}" if cap else "no cap"
     return [name, f"{r['decode_tps']:.2f}", ratio, same, hit, "-" if read is None else f"{read / decode / MiB:.1f}",
-            f"{r['peak_rss_bytes'] / MiB:.0f} / {cap_s}", f"{1e3 / r['decode_tps']:.1f}", *sim_cells]
+            f"{r['peak_rss_bytes'] / MiB:.0f} / {cap_s}", f"{1e3 / r['decode_tps']:.1f}", *sim_cells, best]
 
 
 def _refined(r: dict) -> str:
@@ -741,7 +786,7 @@ def markdown(res: dict) -> str:
         + _refined(res['simulator'].get('moed_refined_from_base_run') or {}), ""]
     head = ["engine", "decode tok/s", "vs llama.cpp", "vs llama.cpp, same bits", "hit rate", "MiB read / token",
             "peak RSS / cap MiB", "measured ms/token", "simulated ms/token", "sim error", "simulated, same budget",
-            "error"]
+            "error", "best any policy: tok/s (vs llama.cpp)"]
     for b in res["budgets"]:
         llama, more = b["llama.cpp"], b.get("llama.cpp more", {})
         ltps = llama["decode_tps"] if llama["status"] == "ok" else None
@@ -768,7 +813,22 @@ def markdown(res: dict) -> str:
               "model as it stood when the budget's runs began, refined by that budget's other moed runs (leave one "
               "out: never the run's own timings), so that op times are those of the same cap; what stays is the "
               "simulator's own error.",
-              f"moed's tokens are the same in every {BITS}-bit moed run: {res['moed_outputs_identical']}.", ""]
+              f"moed's tokens are the same in every {BITS}-bit moed run: {res['moed_outputs_identical']}."]
+    if rd := res.get("expert_reads_probed"):
+        bounds = [r["bound"] for b in res["budgets"] for r in b["moed"].values() if "bound" in r]
+        resident = bounds[0]["resident_s"] if bounds else 0.0
+        lines += ["Best any policy: a bound on every cache policy at the run's bits with the room the run had, from "
+                  "the trace's decode steps: the fewest misses possible (Belady's MIN knowing the future, any "
+                  "preload, a missed expert used without being kept; profiler.tracestats.fewest_misses), each read "
+                  f"in {rd['fastest_s'] * 1e3:.2f} ms (the fastest of {rd['reads']} cold reads of an expert's "
+                  f"{rd['bytes'] / MiB:.2f} MiB from the store, {rd['method']}; median {rd['median_s'] * 1e3:.2f} "
+                  "ms), wholly overlapped with the rest of the step, which takes at least "
+                  + (f"{resident * 1e3:.1f} ms (the fastest moed run with every expert held)" if resident else
+                     "nothing (no 100% run to time it)") + ". Per room: "
+                  + ", ".join(f"{n} experts {m:.1f} misses/token"
+                              for n, m in sorted({(x["experts_held"], x["misses_per_token"]) for x in bounds}))
+                  + "."]
+    lines.append("")
     sims = [(n, r.get("simulator", {})) for b in res["budgets"]
             for n, r in [("llama.cpp", b["llama.cpp"]), *b["moed"].items()]]
     ops = {n if n == "llama.cpp" else "moed": sim["ffn_op"] for n, sim in sims if "ffn_op" in sim}
@@ -832,11 +892,13 @@ def main() -> None:
     trace = read_trace(trace_path)
     machine_spec = a.machine or default_machine()
     sims, refined = sim_machines(machine_spec, base["run"], trace.header.model)
+    reads = probe_expert_reads(files.store, base["run"]["read_bytes_per_expert"])
     budgets: list[dict] = []
     for s in shares:  # (100% first: llama.cpp's footprint for its replays under the tighter caps)
         budgets.append(run_budget(setup, s, base, a.moed_budget, policies, trace, sims, extra, a.fill,
                                   llama_footprint(budgets, files)))
 
+    add_bounds(budgets, trace, reads["fastest_s"])
     for r in [base["run"]] + [r for b in budgets for r in b["moed"].values()]:  # learned from; kept as a summary
         r["timings"] = _timing_summary(r.get("timings", []))
     model = model_record(files, a.quick, base["run"]["expert_bytes"])
@@ -860,7 +922,7 @@ def main() -> None:
         "simulator": {"machine": f"{sims['moed'].name} ({sims['moed'].description})", "spec": machine_spec,
                       "moed_refined_from_base_run": refined,
                       "unmatched": [q for q in policies if q not in SIM_POLICY]},
-        "moed_outputs_identical": len(outputs) <= 1,
+        "moed_outputs_identical": len(outputs) <= 1, "expert_reads_probed": reads,
         "base_run": base["run"], "budgets": budgets,
     }
     out.with_suffix(".json").write_text(json.dumps(res, indent=2))

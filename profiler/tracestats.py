@@ -36,6 +36,14 @@ def layer_accesses(trace: Trace) -> dict[int, list[tuple[int, int]]]:
     return out
 
 
+def model_accesses(trace: Trace, decode_only: bool = False) -> list[tuple[int, int]]:
+    """Every layer's accesses in the order a cache shared by all layers meets them (step by step, layer by layer):
+    (layer, expert), each step's distinct experts of a layer in ascending id; decode steps (one token) only if
+    asked."""
+    return [(r.layer, e) for s in trace.steps if not decode_only or s.tokens == 1
+            for r in s.layers for e in sorted({e for row in r.experts for e in row})]
+
+
 def layer_uses(trace: Trace) -> dict[int, Counter]:
     """Per MoE layer, the (token, expert) assignments of each expert."""
     out: dict[int, Counter] = {layer: Counter() for layer in trace.header.model.moe_layers}
@@ -112,6 +120,32 @@ def opt_hits(seq: list[int], max_capacity: int) -> list[int]:
         acc += hist.get(c - 1, 0)
         hits.append(acc)
     return hits
+
+
+def fewest_misses(seq: list, capacity: int) -> int:
+    """The fewest misses any cache of `capacity` items can have on `seq` knowing the future: it may start out
+    holding any items (a preload chosen with hindsight) and may leave a missed item out (read, used once, not
+    kept). Belady's MIN with that choice: the first `capacity` distinct items are the preload, and on a miss
+    the item needed furthest ahead, the missed one included, is the one not kept. A bound on every policy."""
+    if capacity <= 0:
+        return len(seq)
+    inf = math.inf
+    next_use = [inf] * len(seq)
+    seen: dict = {}
+    for t in range(len(seq) - 1, -1, -1):
+        next_use[t] = seen.get(seq[t], inf)
+        seen[seq[t]] = t
+    cache: dict = {}  # item -> time of its next access
+    misses = 0
+    for t, x in enumerate(seq):
+        if x not in cache and len(cache) == capacity:  # (below capacity an item is preloaded: no miss)
+            misses += 1
+            far = max(cache, key=cache.__getitem__)
+            if cache[far] <= next_use[t]:
+                continue  # the missed item is needed last: not kept
+            del cache[far]
+        cache[x] = next_use[t]
+    return misses
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import Counter
 
@@ -87,6 +88,27 @@ def bf_optimal(seq: list[int], cap: int) -> int:
                 nxt[c] = max(nxt.get(c, -1), h)
         best = nxt
     return max(best.values())
+
+
+def bf_fewest_misses(seq: list[int], cap: int) -> int:
+    """The fewest misses of a cache of `cap` that may start with any items and may leave a missed item out:
+    search over every starting set and every choice at every miss."""
+    items = sorted(set(seq))
+    best = {frozenset(c): 0 for n in range(min(cap, len(items)) + 1) for c in itertools.combinations(items, n)}
+    for x in seq:
+        nxt: dict[frozenset, int] = {}
+        for cache, misses in best.items():
+            if x in cache:
+                options = [(cache, misses)]
+            else:
+                options = [(cache, misses + 1)]  # read, used, not kept
+                if len(cache) < cap:
+                    options.append((cache | {x}, misses + 1))
+                options += [((cache - {v}) | {x}, misses + 1) for v in cache]
+            for c, m in options:
+                nxt[c] = min(nxt.get(c, m), m)
+        best = nxt
+    return min(best.values())
 
 
 def check_against_brute_force(tr: Trace, d: dict) -> None:

@@ -12,9 +12,10 @@ from hypothesis import strategies as st
 
 from profiler.shapes import ModelShape
 from profiler.synthetic import SyntheticParams, synthetic_trace
-from profiler.tracestats import format_stats, lru_hits, opt_hits, stack_distances, trace_stats
+from profiler.tracestats import fewest_misses, format_stats, lru_hits, opt_hits, stack_distances, trace_stats
 
-from cache_bruteforce import bf_belady, bf_lru, bf_optimal, bf_reuse, check_against_brute_force
+from cache_bruteforce import (bf_belady, bf_fewest_misses, bf_lru, bf_optimal, bf_reuse,
+                             check_against_brute_force)
 
 SMALL = ModelShape("small", 64, 32, 14, 2, 3, (0, 1, 2), 4, 2, 16)  # top 10%: ceil(1.4) = 2 experts
 
@@ -33,6 +34,22 @@ def test_reuse_distance_and_hit_counts_match_brute_force(seq):
 @given(st.lists(st.integers(0, 4), max_size=14), st.integers(1, 3))
 def test_belady_is_optimal_by_exhaustive_search(seq, cap):
     assert opt_hits(seq, cap)[cap - 1] == bf_optimal(seq, cap)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(0, 4), max_size=12), st.integers(0, 3))
+def test_fewest_misses_is_the_optimum_with_any_preload_and_leaving_out(seq, cap):
+    assert fewest_misses(seq, cap) == bf_fewest_misses(seq, cap)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 7), max_size=60), st.integers(1, 8))
+def test_fewest_misses_bounds_belady_and_lru_from_empty(seq, cap):
+    # the bound's freedoms (a free preload, leaving out) only remove misses: at most Belady's from an empty cache
+    cold = len(seq) - opt_hits(seq, cap)[cap - 1]
+    best = fewest_misses(seq, cap)
+    assert best <= cold <= len(seq) - bf_lru(seq, cap)
+    assert fewest_misses(seq, len(set(seq))) == 0
 
 
 @pytest.mark.parametrize("seed,skew,locality,prefill", [(0, 0.0, 0.0, 0), (1, 1.2, 0.5, 6), (2, 2.0, 0.2, 0)])
