@@ -724,7 +724,7 @@ def _cells(name: str, r: dict, llama_tps: float | None, same_tps: float | None, 
         return [name, r["status"], "-", "-", "-", "-", "-", "-", sim_cells[0], "-", sim_cells[2], "-", "-"]
     bound = r.get("bound")
     best = "-" if bound is None else (f"{1 / bound['per_token_s']:.1f}"
-                                      + (f" ({llama_tps * bound['per_token_s']:.2f}x)" if llama_tps else ""))
+                                      + (f" ({1 / (llama_tps * bound['per_token_s']):.2f}x)" if llama_tps else ""))
     read = r.get("disk_read_bytes") if name.startswith("llama.cpp") else r["bytes_read"]
     ratio = f"{r['decode_tps'] / llama_tps:.2f}x" if llama_tps else "-"
     same = f"{r['decode_tps'] / same_tps:.2f}x" if same_tps and not name.startswith("llama.cpp") else "-"

@@ -122,11 +122,12 @@ def opt_hits(seq: list[int], max_capacity: int) -> list[int]:
     return hits
 
 
-def fewest_misses(seq: list, capacity: int) -> int:
+def fewest_misses(seq: list, capacity: int, preload: bool = True) -> int:
     """The fewest misses any cache of `capacity` items can have on `seq` knowing the future: it may start out
-    holding any items (a preload chosen with hindsight) and may leave a missed item out (read, used once, not
-    kept). Belady's MIN with that choice: the first `capacity` distinct items are the preload, and on a miss
-    the item needed furthest ahead, the missed one included, is the one not kept. A bound on every policy."""
+    holding any items (with `preload`: chosen with hindsight; else it starts empty) and may leave a missed item
+    out (read, used once, not kept). Belady's MIN with that choice: the first `capacity` distinct items fill the
+    cache (the preload, or misses), and on a miss the item needed furthest ahead, the missed one included, is
+    the one not kept. A bound on every policy."""
     if capacity <= 0:
         return len(seq)
     inf = math.inf
@@ -138,7 +139,9 @@ def fewest_misses(seq: list, capacity: int) -> int:
     cache: dict = {}  # item -> time of its next access
     misses = 0
     for t, x in enumerate(seq):
-        if x not in cache and len(cache) == capacity:  # (below capacity an item is preloaded: no miss)
+        if x not in cache and len(cache) < capacity:  # filling: the preload, or a miss
+            misses += not preload
+        elif x not in cache:
             misses += 1
             far = max(cache, key=cache.__getitem__)
             if cache[far] <= next_use[t]:

@@ -90,11 +90,12 @@ def bf_optimal(seq: list[int], cap: int) -> int:
     return max(best.values())
 
 
-def bf_fewest_misses(seq: list[int], cap: int) -> int:
-    """The fewest misses of a cache of `cap` that may start with any items and may leave a missed item out:
-    search over every starting set and every choice at every miss."""
+def bf_fewest_misses(seq: list[int], cap: int, preload: bool = True) -> int:
+    """The fewest misses of a cache of `cap` that may start with any items (else empty) and may leave a missed
+    item out: search over every starting set and every choice at every miss."""
     items = sorted(set(seq))
-    best = {frozenset(c): 0 for n in range(min(cap, len(items)) + 1) for c in itertools.combinations(items, n)}
+    best = {frozenset(c): 0 for n in range(min(cap, len(items)) + 1) for c in itertools.combinations(items, n)} \
+        if preload else {frozenset(): 0}
     for x in seq:
         nxt: dict[frozenset, int] = {}
         for cache, misses in best.items():

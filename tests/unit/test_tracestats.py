@@ -37,9 +37,9 @@ def test_belady_is_optimal_by_exhaustive_search(seq, cap):
 
 
 @settings(max_examples=80, deadline=None)
-@given(st.lists(st.integers(0, 4), max_size=12), st.integers(0, 3))
-def test_fewest_misses_is_the_optimum_with_any_preload_and_leaving_out(seq, cap):
-    assert fewest_misses(seq, cap) == bf_fewest_misses(seq, cap)
+@given(st.lists(st.integers(0, 4), max_size=12), st.integers(0, 3), st.booleans())
+def test_fewest_misses_is_the_optimum_with_any_preload_and_leaving_out(seq, cap, preload):
+    assert fewest_misses(seq, cap, preload) == bf_fewest_misses(seq, cap, preload)
 
 
 @settings(max_examples=100, deadline=None)
@@ -48,7 +48,7 @@ def test_fewest_misses_bounds_belady_and_lru_from_empty(seq, cap):
     # the bound's freedoms (a free preload, leaving out) only remove misses: at most Belady's from an empty cache
     cold = len(seq) - opt_hits(seq, cap)[cap - 1]
     best = fewest_misses(seq, cap)
-    assert best <= cold <= len(seq) - bf_lru(seq, cap)
+    assert best <= fewest_misses(seq, cap, preload=False) <= cold <= len(seq) - bf_lru(seq, cap)
     assert fewest_misses(seq, len(set(seq))) == 0
 
 
