@@ -19,7 +19,8 @@ from offload.manifest import (DENSE, EXPERTS, MANIFEST, TOKENIZER, ExpertExtent,
 from offload.reader import CountingReader
 from quant.groups import GROUP_SIZES
 from quant.planes import PLANES
-from quant.schemes import Scheme, scheme
+from quant.kernels.base import MsbMatrix
+from quant.schemes import MSB, Scheme, scheme
 from quant.views import ExpertViews
 
 if TYPE_CHECKING:
@@ -202,8 +203,24 @@ class Store:
 
     def form(self, backend: "Backend", sections: list, bits: int, act: str) -> "PreparedExpert":
         """`backend`'s compute form (PreparedExpert) of an expert at `bits` from its first bits + 1 sections: made
-        from the bit-planes as read where the backend reads planes, else from the unpacked codes."""
+        from the bit-planes as read where the backend reads planes, else from the unpacked codes; an MSB expert's
+        straight from its bytes where the backend can (prepare_msb: the same form without the views)."""
+        if isinstance(self.scheme, MSB) and hasattr(backend, "prepare_msb"):
+            return backend.prepare_msb(self.msb_matrices(sections, bits), bits, act)
         return backend.prepare_expert(self.views(sections, bits, backend.reads_planes), act)
+
+    def msb_matrices(self, sections: list, bits: int) -> list[MsbMatrix]:
+        """An MSB expert's matrices by address in its first bits + 1 sections (valid while they are)."""
+        if not isinstance(self.scheme, MSB):
+            raise ValueError(f"the store's scheme is {self.scheme.name}, not msb")
+        if len(sections) < bits + 1:
+            raise ValueError(f"a {bits}-bit form needs {bits + 1} sections, got {len(sections)}")
+        base = [np.frombuffer(sections[s], np.uint8).ctypes.data for s in range(bits + 1)]
+        parts, out = self.layout.parts, []
+        for m, (n, k) in enumerate(self.layout.shapes):
+            at = [base[s] + sum(parts[s][:m]) for s in range(bits + 1)]  # (MSB planes hold no params: bits only)
+            out.append(MsbMatrix(n, k, self.manifest.group_size, at[0], tuple(at[1:])))
+        return out
 
     @staticmethod
     def _verify(buf, offset: int, length: int, want: str, name: str, path: Path, file_offset: int) -> None:

@@ -299,9 +299,11 @@ int moed_interleave_params(const float *p, int64_t n, int64_t ng, uint16_t *out)
     return bad ? -1 : 0;
 }
 
-#if !MOED_VNNI && !MOED_AVX2
-/* An IEEE float16 (as its bits) as a float: normal, subnormal, zero, infinity and NaN. */
+/* An IEEE float16 (as its bits) as a float: normal, subnormal, zero, infinity and NaN (exact). */
 static float half_float(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
     const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 31u, man = h & 0x3ffu;
     uint32_t bits;
     if (exp == 31) {
@@ -316,8 +318,42 @@ static float half_float(uint16_t h) {
     float f;
     memcpy(&f, &bits, 4);
     return f;
-}
 #endif
+}
+
+/* An MSB-scheme matrix's form at r bits from the store's bytes: its head (scale and minimum, float16 [2][n][ng])
+ * and its top r bit-planes (codes as moed_interleave_planes makes them), without the views in between. The
+ * parameters as quant.views.msb_view and quant/kernels/native.py's _prepare compute them in float32 (ISO C: no
+ * contraction), d = 2^(8-r): scale s * d, offset 0 + ((minimum + s * ((d - 1) / 2)) + s * d * 2^(r-1)), each then
+ * a float16 (float_half), [blocks][ng][16], rows past n zero. Returns 0, -1 if a buffer could not be had, -2 if a
+ * scale or offset is not finite as a float16. */
+int moed_interleave_planes(const uint8_t *const *planes, int r, int64_t n, int64_t k, int G, uint8_t *out,
+                           int16_t *sums, int threads);
+
+int moed_form_msb(const uint16_t *head, const uint8_t *const *planes, int r, int64_t n, int64_t k, int G,
+                  uint8_t *codes, int16_t *sums, uint16_t *s_out, uint16_t *z_out, int threads) {
+    if (moed_interleave_planes(planes, r, n, k, G, codes, sums, threads)) return -1;
+    const int64_t ng = k / G, blocks = (n + 15) / 16;
+    const float d = (float)(1 << (8 - r)), c = (d - 1.f) / 2.f, mid = (float)(1 << (r - 1));
+    int bad = 0;
+    for (int64_t b = 0; b < blocks; b++)
+        for (int64_t g = 0; g < ng; g++)
+            for (int i = 0; i < 16; i++) {
+                const int64_t row = 16 * b + i, at = (b * ng + g) * 16 + i;
+                uint16_t hs = 0, hz = 0;
+                if (row < n) {
+                    const float sv = half_float(head[row * ng + g]), mv = half_float(head[(n + row) * ng + g]);
+                    const float scale = sv * d, zero = mv + sv * c;
+                    const float off = zero + scale * mid;
+                    hs = float_half(scale);
+                    hz = float_half(0.f + off);
+                }
+                bad |= (hs & 0x7c00u) == 0x7c00u || (hz & 0x7c00u) == 0x7c00u;
+                s_out[at] = hs;
+                z_out[at] = hz;
+            }
+    return bad ? -2 : 0;
+}
 
 /* x [t, K] -> xu [t, K] = quantised x + 128 (uint8), dx and xs [t, K/G], and su [t, K/G]: each group's sum of
  * xu (packed codes are multiplied uncentred, their centre taken off per group: mid * su) */

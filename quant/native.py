@@ -128,6 +128,7 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.moed_interleave_planes.argtypes = [ctypes.POINTER(P), I, L, L, I, P, P, I]
     lib.moed_interleave_planes.restype = I
     lib.moed_interleave_params.argtypes, lib.moed_interleave_params.restype = [P, L, L, P], I
+    lib.moed_form_msb.argtypes, lib.moed_form_msb.restype = [P, ctypes.POINTER(P), I, L, L, I, P, P, P, P, I], I
     return lib
 
 

@@ -28,6 +28,19 @@ class PreparedExpert:
     nbytes: int  # memory the compute form holds
 
 
+@dataclass(frozen=True, slots=True)
+class MsbMatrix:
+    """One matrix of an MSB-scheme expert (quant.schemes.MSB) as the store holds it, by address: its shape, group,
+    head (scale and minimum, float16 [2, n, k / group]) and bit-planes' bits (most significant first, n * k / 8
+    bytes each), for a backend's prepare_msb."""
+
+    n: int
+    k: int
+    group: int
+    head: int
+    planes: tuple[int, ...]
+
+
 class Backend:
     """Runs expert FFNs down(act(gate x) * up x) on quantised weights; subclasses register by name."""
 

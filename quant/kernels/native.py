@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from quant import native
-from quant.kernels.base import PooledBackend, PreparedExpert, activation
+from quant.kernels.base import MsbMatrix, PooledBackend, PreparedExpert, activation
 from quant.planes import PackedCodes
 from quant.views import ExpertViews, QuantView
 
@@ -228,23 +228,53 @@ class Native(PooledBackend, name="native"):
         activation(act)
         mats = (views.gate, views.up, views.down)
         slab = self.slabs.take(sum(_form_bytes(v) for v in mats))
-        at = 0
-
-        def carve(count: int, dtype) -> np.ndarray:
-            nonlocal at
-            size = count * np.dtype(dtype).itemsize
-            at += size
-            return slab[at - size:at].view(dtype)
-
+        carve = _Carver(slab)
         forms = tuple(self._prepare(v, carve) for v in mats)
-        assert at == slab.nbytes, "_form_bytes and _prepare disagree on the form's layout"
+        return self._expert(forms, act, views.bits, slab, carve)
+
+    def prepare_msb(self, mats: Iterable[MsbMatrix], bits: int, act: str) -> PreparedExpert:
+        """prepare_expert's form, byte for byte, of an MSB-scheme expert (quant.schemes.MSB) at `bits` from its
+        stored bytes as read: one C call a matrix (quant/native.c's moed_form_msb), no views in between. Each
+        matrix's head and planes are addresses that must stay valid for the call (offload.store.Store.form)."""
+        activation(act)
+        mats = tuple(mats)
+        if not 1 <= bits <= 8:
+            raise ValueError(f"bits must be in 1..8, got {bits}")
+        for m in mats:
+            if m.k % m.group or m.group % 8 or m.group > MAX_GROUP or len(m.planes) < bits:
+                raise ValueError(f"an MSB matrix of K={m.k}, group {m.group} and {len(m.planes)} planes has no "
+                                 f"{bits}-bit native form")
+        slab = self.slabs.take(sum(_nbytes(_form_arrays(m.n, m.k, m.group, [bits])) for m in mats))
+        carve = _Carver(slab)
+        lib = native.library()
+        forms = []
+        for m in mats:
+            (cn, ct), (un, ut), (sn, st), (zn, zt) = _form_arrays(m.n, m.k, m.group, [bits])
+            codes, sums, scale, offset = carve(cn, ct), carve(un, ut), carve(sn, st), carve(zn, zt)
+            ptrs = (ctypes.c_void_p * bits)(*m.planes[:bits])
+            err = lib.moed_form_msb(m.head, ptrs, bits, m.n, m.k, m.group, codes.ctypes.data, sums.ctypes.data,
+                                    scale.ctypes.data, offset.ctypes.data, self.threads)
+            if err:
+                self.slabs.give(slab)
+                if err == -1:
+                    raise MemoryError("no memory for a block of codes")
+                raise ValueError("a scale or offset exceeds the float16 range of the native kernels' form")
+            shape = (-1, m.k // m.group, ROWS)
+            forms.append(NativeMatrix((NativeTerm(codes, scale.reshape(shape), offset.reshape(shape),
+                                                  sums.reshape(shape), bits),), m.n, m.k, m.group))
+        return self._expert(tuple(forms), act, bits, slab, carve)
+
+    def _expert(self, forms: tuple[NativeMatrix, ...], act: str, bits: int, slab: np.ndarray,
+                carve: "_Carver") -> NativeExpert:
+        """An expert of forms made in `slab` (all of it carved), with its one-call arguments where it has them."""
+        assert carve.at == slab.nbytes, "_form_bytes and the form's arrays disagree on its layout"
         call = None
         if act in ACT_CODES and all(len(f.terms) == 1 for f in forms):  # one C call computes it
             terms = [f.terms[0] for f in forms]
             ptrs = [(ctypes.c_void_p * 3)(*(t.args()[i] for t in terms)) for i in range(4)]
             call = native.Expert(*ptrs, (ctypes.c_int * 3)(*(f.group for f in forms)),
                                  (ctypes.c_int * 3)(*(t.bits for t in terms)), forms[0].k, forms[0].n, ACT_CODES[act])
-        return NativeExpert(forms, act, views.bits, sum(f.nbytes for f in forms), call, slab)
+        return NativeExpert(forms, act, bits, sum(f.nbytes for f in forms), call, slab)
 
     def idle(self) -> None:
         native.library().moed_park()
@@ -285,11 +315,27 @@ def _form_arrays(n: int, k: int, group: int, bits: list[int]) -> list[tuple[int,
                                       (per_group, np.float16), (per_group, np.float16))]
 
 
+def _nbytes(arrays: list[tuple[int, type]]) -> int:
+    return sum(count * np.dtype(dtype).itemsize for count, dtype in arrays)
+
+
 def _form_bytes(view: QuantView) -> int:
     """Bytes of a matrix's form (_form_arrays)."""
     n, k = view.shape
-    return sum(count * np.dtype(dtype).itemsize
-               for count, dtype in _form_arrays(n, k, view.group, [t.bits for t in view.terms]))
+    return _nbytes(_form_arrays(n, k, view.group, [t.bits for t in view.terms]))
+
+
+class _Carver:
+    """Arrays cut one after another from the front of a slab: carve(count, dtype)."""
+
+    def __init__(self, slab: np.ndarray) -> None:
+        self.slab, self.at = slab, 0
+
+    def __call__(self, count: int, dtype) -> np.ndarray:
+        size = count * np.dtype(dtype).itemsize
+        self.at += size
+        return self.slab[self.at - size:self.at].view(dtype)
+
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:
