@@ -220,9 +220,13 @@ static void interleave_block(const uint8_t *codes, int rows, int64_t b, int64_t 
             }
             const uint8_t *src = codes + r * k;
             if (bits <= 4) /* (the test out of the loops: each is a tight loop of its own) */
-                for (int64_t j = 0; j < runs; j++)
-                    for (int q = 0; q < 4; q++)
-                        dst[64 * j + q] = (uint8_t)((src[8 * j + q] & 15) | (src[8 * j + 4 + q] & 15) << 4);
+                for (int64_t j = 0; j < runs; j++) { /* byte q: code 8j + q low, 8j + 4 + q high, four at once */
+                    uint32_t lo, hi;
+                    memcpy(&lo, src + 8 * j, 4);
+                    memcpy(&hi, src + 8 * j + 4, 4);
+                    const uint32_t v = (lo & 0x0f0f0f0fu) | (hi & 0x0f0f0f0fu) << 4;
+                    memcpy(dst + 64 * j, &v, 4);
+                }
             else
                 for (int64_t j = 0; j < runs; j++) {
                     uint32_t v;
