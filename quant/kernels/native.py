@@ -316,6 +316,7 @@ def _form_arrays(n: int, k: int, group: int, bits: list[int]) -> list[tuple[int,
 
 
 def _nbytes(arrays: list[tuple[int, type]]) -> int:
+    """Bytes of (elements, dtype) arrays."""
     return sum(count * np.dtype(dtype).itemsize for count, dtype in arrays)
 
 
@@ -335,7 +336,6 @@ class _Carver:
         size = count * np.dtype(dtype).itemsize
         self.at += size
         return self.slab[self.at - size:self.at].view(dtype)
-
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:
