@@ -32,7 +32,7 @@ def layer_accesses(trace: Trace) -> dict[int, list[tuple[int, int]]]:
     out: dict[int, list[tuple[int, int]]] = {layer: [] for layer in trace.header.model.moe_layers}
     for s in trace.steps:
         for r in s.layers:
-            out.setdefault(r.layer, []).extend((s.step, e) for e in sorted({e for row in r.experts for e in row}))
+            out.setdefault(r.layer, []).extend((s.step, e) for e in _distinct(r))
     return out
 
 
@@ -40,8 +40,13 @@ def model_accesses(trace: Trace, decode_only: bool = False) -> list[tuple[int, i
     """Every layer's accesses in the order a cache shared by all layers meets them (step by step, layer by layer):
     (layer, expert), each step's distinct experts of a layer in ascending id; decode steps (one token) only if
     asked."""
-    return [(r.layer, e) for s in trace.steps if not decode_only or s.tokens == 1
-            for r in s.layers for e in sorted({e for row in r.experts for e in row})]
+    return [(r.layer, e) for s in trace.steps if not decode_only or s.tokens == 1 for r in s.layers
+            for e in _distinct(r)]
+
+
+def _distinct(r) -> list[int]:
+    """The distinct experts of a layer routing, ascending id."""
+    return sorted({e for row in r.experts for e in row})
 
 
 def layer_uses(trace: Trace) -> dict[int, Counter]:

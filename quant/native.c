@@ -325,40 +325,6 @@ static float half_float(uint16_t h) {
 #endif
 }
 
-/* An MSB-scheme matrix's form at r bits from the store's bytes: its head (scale and minimum, float16 [2][n][ng])
- * and its top r bit-planes (codes as moed_interleave_planes makes them), without the views in between. The
- * parameters as quant.views.msb_view and quant/kernels/native.py's _prepare compute them in float32 (ISO C: no
- * contraction), d = 2^(8-r): scale s * d, offset 0 + ((minimum + s * ((d - 1) / 2)) + s * d * 2^(r-1)), each then
- * a float16 (float_half), [blocks][ng][16], rows past n zero. Returns 0, -1 if a buffer could not be had, -2 if a
- * scale or offset is not finite as a float16. */
-int moed_interleave_planes(const uint8_t *const *planes, int r, int64_t n, int64_t k, int G, uint8_t *out,
-                           int16_t *sums, int threads);
-
-int moed_form_msb(const uint16_t *head, const uint8_t *const *planes, int r, int64_t n, int64_t k, int G,
-                  uint8_t *codes, int16_t *sums, uint16_t *s_out, uint16_t *z_out, int threads) {
-    if (moed_interleave_planes(planes, r, n, k, G, codes, sums, threads)) return -1;
-    const int64_t ng = k / G, blocks = (n + 15) / 16;
-    const float d = (float)(1 << (8 - r)), c = (d - 1.f) / 2.f, mid = (float)(1 << (r - 1));
-    int bad = 0;
-    for (int64_t b = 0; b < blocks; b++)
-        for (int64_t g = 0; g < ng; g++)
-            for (int i = 0; i < 16; i++) {
-                const int64_t row = 16 * b + i, at = (b * ng + g) * 16 + i;
-                uint16_t hs = 0, hz = 0;
-                if (row < n) {
-                    const float sv = half_float(head[row * ng + g]), mv = half_float(head[(n + row) * ng + g]);
-                    const float scale = sv * d, zero = mv + sv * c;
-                    const float off = zero + scale * mid;
-                    hs = float_half(scale);
-                    hz = float_half(0.f + off);
-                }
-                bad |= (hs & 0x7c00u) == 0x7c00u || (hz & 0x7c00u) == 0x7c00u;
-                s_out[at] = hs;
-                z_out[at] = hz;
-            }
-    return bad ? -2 : 0;
-}
-
 /* x [t, K] -> xu [t, K] = quantised x + 128 (uint8), dx and xs [t, K/G], and su [t, K/G]: each group's sum of
  * xu (packed codes are multiplied uncentred, their centre taken off per group: mid * su) */
 static void quantise_x(const float *x, int t, int64_t k, int G, uint8_t *xu, float *dx, float *xs, int32_t *su) {
@@ -642,6 +608,31 @@ int moed_interleave_planes(const uint8_t *const *planes, int r, int64_t n, int64
     if (threads > blocks) threads = (int)blocks;
     if (threads <= 1 || !try_run_parts(planes_part, &j, threads)) planes_part(&j, 0, 1);
     return atomic_load(&j.failed) ? -1 : 0;
+}
+
+/* An MSB-scheme matrix's form at r bits from the store's bytes: its head (scale and minimum, float16 [2][n][ng])
+ * and its top r bit-planes, without the views in between: the codes as moed_interleave_planes makes them, the
+ * parameters as quant.views.msb_view and quant/kernels/native.py's _prepare compute them in float32 (ISO C: no
+ * contraction), d = 2^(8-r): scale s * d, offset 0 + ((minimum + s * ((d - 1) / 2)) + s * d * 2^(r-1)), then
+ * interleaved as moed_interleave_params does. Returns 0, -1 if a buffer could not be had, -2 if a scale or offset
+ * is not finite as a float16. */
+int moed_form_msb(const uint16_t *head, const uint8_t *const *planes, int r, int64_t n, int64_t k, int G,
+                  uint8_t *codes, int16_t *sums, uint16_t *s_out, uint16_t *z_out, int threads) {
+    const int64_t m = n * (k / G);
+    float *p = malloc(sizeof(float) * (size_t)(2 * m)); /* scales, then offsets, [n, ng] each */
+    if (p == NULL || moed_interleave_planes(planes, r, n, k, G, codes, sums, threads)) {
+        free(p);
+        return -1;
+    }
+    const float d = (float)(1 << (8 - r)), c = (d - 1.f) / 2.f, mid = (float)(1 << (r - 1));
+    for (int64_t i = 0; i < m; i++) {
+        const float sv = half_float(head[i]), scale = sv * d, zero = half_float(head[m + i]) + sv * c;
+        p[i] = scale;
+        p[m + i] = 0.f + (zero + scale * mid);
+    }
+    const int bad = moed_interleave_params(p, n, k / G, s_out) | moed_interleave_params(p + m, n, k / G, z_out);
+    free(p);
+    return bad ? -2 : 0;
 }
 
 typedef struct {

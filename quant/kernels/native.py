@@ -149,9 +149,7 @@ class Native(PooledBackend, name="native"):
         lib = native.library()
         n, k = view.shape
         g = view.group
-        if k % g or g % 8 or g > MAX_GROUP:
-            raise ValueError(f"the native kernels need groups of a multiple of 8 dividing K, at most {MAX_GROUP} "
-                             f"(got K={k}, group {g})")
+        _check_group(k, g)
         blocks, ng = -(-n // ROWS), k // g
         # w = s * (c - mid) + (z + s * mid): each term's codes centred, the offsets of all terms in the first's
         offsets = sum(t.zero.float() + t.scale.float() * (1 << (t.bits - 1)) for t in view.terms)
@@ -241,9 +239,9 @@ class Native(PooledBackend, name="native"):
         if not 1 <= bits <= 8:
             raise ValueError(f"bits must be in 1..8, got {bits}")
         for m in mats:
-            if m.k % m.group or m.group % 8 or m.group > MAX_GROUP or len(m.planes) < bits:
-                raise ValueError(f"an MSB matrix of K={m.k}, group {m.group} and {len(m.planes)} planes has no "
-                                 f"{bits}-bit native form")
+            _check_group(m.k, m.group)
+            if len(m.planes) < bits:
+                raise ValueError(f"an MSB matrix of {len(m.planes)} planes has no {bits}-bit native form")
         slab = self.slabs.take(sum(_nbytes(_form_arrays(m.n, m.k, m.group, [bits])) for m in mats))
         carve = _Carver(slab)
         lib = native.library()
@@ -313,6 +311,13 @@ def _form_arrays(n: int, k: int, group: int, bits: list[int]) -> list[tuple[int,
     per_group = -(-n // ROWS) * (k // group) * ROWS
     return [a for b in bits for a in ((_packed_count(n, k, b), np.int8), (per_group, np.int16),
                                       (per_group, np.float16), (per_group, np.float16))]
+
+
+def _check_group(k: int, g: int) -> None:
+    """ValueError unless the kernels can take rows of k in groups of g."""
+    if k % g or g % 8 or g > MAX_GROUP:
+        raise ValueError(f"the native kernels need groups of a multiple of 8 dividing K, at most {MAX_GROUP} "
+                         f"(got K={k}, group {g})")
 
 
 def _nbytes(arrays: list[tuple[int, type]]) -> int:
